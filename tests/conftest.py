@@ -1,0 +1,56 @@
+"""Shared fixtures and markers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+REFERENCE_PT = SHARED / "reference" / "tiny_official_reference.pt"
+SHAPES_JSON = SHARED / "reference" / "official_state_dict_shapes.json"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+# No test may reach the network: MLflow and torch hub stay local.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _small_threads():
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
+
+
+@pytest.fixture
+def reference():
+    """The original implementation's tiny model, inputs and outputs (skips when ../shared is absent)."""
+    if not REFERENCE_PT.exists():
+        pytest.skip(f"{REFERENCE_PT} not found (../shared is absent)")
+    return torch.load(REFERENCE_PT, weights_only=False, map_location="cpu")
+
+
+@pytest.fixture
+def shapes_listing():
+    if not SHAPES_JSON.exists():
+        pytest.skip(f"{SHAPES_JSON} not found (../shared is absent)")
+    import json
+
+    return json.loads(SHAPES_JSON.read_text())
+
+
+@pytest.fixture
+def fashion_mnist_dir():
+    if not (FASHION_MNIST_DIR.exists() and any(FASHION_MNIST_DIR.iterdir())):
+        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    return FASHION_MNIST_DIR
