@@ -1,0 +1,174 @@
+"""Shapes, dtypes, phi-sharing modes, attention kernels, sampler and scaling metadata of the plain models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from var_lab.models import VAR, VQVAE, from_depth
+from var_lab.models.quant import PhiNonShared, PhiPartiallyShared, PhiShared, phi_ticks
+from var_lab.models.sampling import filter_top_k_top_p_
+
+PATCH_NUMS = (1, 2, 3, 4, 6, 8)
+
+
+def tiny_vqvae(share_quant_resi: int = 4) -> VQVAE:
+    torch.manual_seed(0)
+    return VQVAE(
+        vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), patch_nums=PATCH_NUMS, share_quant_resi=share_quant_resi
+    )
+
+
+def tiny_var(vqvae: VQVAE, depth: int = 2, **kwargs) -> VAR:
+    torch.manual_seed(0)
+    return VAR(vqvae=vqvae, num_classes=10, depth=depth, embed_dim=64, num_heads=2, **kwargs)
+
+
+@pytest.mark.parametrize("share,cls,count", [(0, PhiNonShared, 6), (1, PhiShared, 1), (3, PhiPartiallyShared, 3)])
+def test_phi_sharing_modes(share, cls, count):
+    vqvae = tiny_vqvae(share)
+    assert isinstance(vqvae.quantize.quant_resi, cls)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in vqvae.quantize.quant_resi.modules()) == count
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    idx_list = vqvae.img_to_idx(img)
+    assert [t.shape for t in idx_list] == [(2, p * p) for p in PATCH_NUMS]
+    assert vqvae.idx_to_img(idx_list).shape == (2, 3, 32, 32)
+    assert vqvae.idx_to_var_input(idx_list).shape == (2, sum(p * p for p in PATCH_NUMS) - 1, 8)
+
+
+def test_phi_ticks_follow_the_release_rule():
+    assert phi_ticks(4) == pytest.approx([1 / 12, 1 / 12 + (10 / 12) / 3, 1 - 1 / 12 - (10 / 12) / 3, 11 / 12])
+    assert phi_ticks(2) == pytest.approx([0.25, 0.75])
+    vqvae = tiny_vqvae(4)
+    # 6 scales at t = 0, .2, .4, .6, .8, 1 -> nearest of ticks (1/12, 13/36, 23/36, 11/12)
+    chosen = [list(vqvae.quantize.quant_resi.qresi_ls).index(vqvae.quantize.phi(si)) for si in range(6)]
+    assert chosen == [0, 0, 1, 2, 3, 3]
+
+
+def test_vqvae_training_forward_has_straight_through_gradient():
+    vqvae = tiny_vqvae()
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    rec, vq_loss, hits = vqvae(img)
+    assert rec.shape == img.shape and vq_loss.ndim == 0
+    assert hits.shape == (len(PATCH_NUMS), 64) and hits.sum(1).tolist() == [2 * p * p for p in PATCH_NUMS]
+    (rec.square().mean() + vq_loss).backward()
+    assert vqvae.encoder.conv_in.weight.grad.abs().sum() > 0
+    assert vqvae.quantize.embedding.weight.grad.abs().sum() > 0
+    vqvae.quantize.update_usage(hits)
+    assert len(vqvae.quantize.usage_percent(2 * 64)) == len(PATCH_NUMS)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_var_forward_shapes_and_backward(impl):
+    vqvae = tiny_vqvae()
+    var = tiny_var(vqvae, attn_impl=impl).train()
+    idx_list = vqvae.img_to_idx(torch.rand(3, 3, 32, 32) * 2 - 1)
+    x_BLCv = vqvae.idx_to_var_input(idx_list)
+    logits = var(torch.tensor([0, 1, 2]), x_BLCv)
+    assert logits.shape == (3, var.L, 64) and logits.dtype == torch.float32
+    logits.mean().backward()
+    assert all(p.grad is not None for p in var.parameters())
+
+
+def test_attention_kernels_agree():
+    vqvae = tiny_vqvae()
+    x = vqvae.idx_to_var_input(vqvae.img_to_idx(torch.rand(2, 3, 32, 32) * 2 - 1))
+    labels = torch.tensor([3, 4])
+    out = {}
+    for impl in ("sdpa", "math"):
+        var = tiny_var(vqvae, attn_impl=impl).eval()
+        out[impl] = var(labels, x)
+    torch.testing.assert_close(out["sdpa"], out["math"], rtol=1e-5, atol=1e-5)
+
+
+def test_block_causal_mask_blocks_the_future():
+    """Changing the tokens of the last scale must not change logits of earlier scales."""
+    vqvae = tiny_vqvae()
+    var = tiny_var(vqvae).eval()
+    x = vqvae.idx_to_var_input(vqvae.img_to_idx(torch.rand(1, 3, 32, 32) * 2 - 1))
+    y = x.clone()
+    last_begin = var.begin_ends[-1][0]
+    y[:, last_begin - 1 :] += 1.0  # inputs of the last scale (input row i predicts token i + 1)
+    a = var(torch.tensor([1]), x)
+    b = var(torch.tensor([1]), y)
+    torch.testing.assert_close(a[:, :last_begin], b[:, :last_begin])
+    assert not torch.allclose(a[:, last_begin:], b[:, last_begin:])
+
+
+def test_bf16_autocast_forward_runs_on_cpu():
+    vqvae = tiny_vqvae()
+    var = tiny_var(vqvae).eval()
+    x = vqvae.idx_to_var_input(vqvae.img_to_idx(torch.rand(2, 3, 32, 32) * 2 - 1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = var(torch.tensor([1, 2]), x)
+    ref = var(torch.tensor([1, 2]), x)
+    assert logits.dtype == torch.float32
+    assert ((logits - ref).norm() / ref.norm()) < 5e-2
+
+
+def test_shared_adaln_and_no_l2_norm_variants():
+    vqvae = tiny_vqvae()
+    var = tiny_var(vqvae, shared_aln=True, attn_l2_norm=False)
+    keys = var.state_dict().keys()
+    assert "shared_ada_lin.1.weight" in keys and "blocks.0.ada_gss" in keys
+    assert not any("scale_mul_1H11" in k for k in keys)
+    x = vqvae.idx_to_var_input(vqvae.img_to_idx(torch.rand(2, 3, 32, 32) * 2 - 1))
+    assert var(torch.tensor([0, 1]), x).shape == (2, var.L, 64)
+    assert var.sample(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0)).shape == (2, 3, 32, 32)
+
+
+def test_same_seed_same_samples_and_different_seed_differs():
+    vqvae = tiny_vqvae()
+    var = tiny_var(vqvae)
+    labels = torch.tensor([0, 5, 9])
+    a = var.sample(labels, cfg=1.5, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    b = var.sample(labels, cfg=1.5, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(7))
+    c = var.sample(labels, cfg=1.5, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(8))
+    assert a.shape == (3, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    # cached sampling must agree with teacher forcing on its own tokens (the KV cache is exact)
+    idx_list, _ = var.sample_tokens(labels, cfg=0.0, top_k=1, top_p=0.0, generator=torch.Generator().manual_seed(0))
+    logits = var.eval()(labels, vqvae.idx_to_var_input(idx_list))
+    assert torch.equal(logits.argmax(-1), torch.cat(idx_list, dim=1))
+
+
+def test_top_k_top_p_filter():
+    logits = torch.log(torch.tensor([[[0.5, 0.3, 0.15, 0.05]]]))
+    kept = filter_top_k_top_p_(logits.clone(), top_k=3).isfinite()
+    assert kept.tolist() == [[[True, True, True, False]]]
+    kept = filter_top_k_top_p_(logits.clone(), top_p=0.7).isfinite()
+    assert kept.tolist() == [[[True, True, False, False]]]
+
+
+def test_preset_and_scaling_metadata():
+    preset = from_depth(16)
+    assert (preset.width, preset.heads, preset.global_batch, preset.epochs) == (1024, 16, 768, 200)
+    assert preset.drop_path_rate == pytest.approx(0.1 * 16 / 24)
+    assert from_depth(30).final_weight_decay == 0.08
+    assert from_depth(27).recipe_source.startswith("release d24")
+    vqvae = tiny_vqvae()
+    var = tiny_var(vqvae, depth=3)
+    counts = var.num_scaling_params()
+    assert counts["total"] == sum(p.numel() for p in var.parameters())
+    assert counts["total"] == counts["embed"] + counts["blocks"] + counts["adaln"] + counts["head"]
+    C, d, L, V = 64, 3, var.L, 64
+    assert counts["adaln"] == d * (C * 6 * C + 6 * C) + (C * 2 * C + 2 * C)
+    expected = 3 * (2 * L * (12 * d * C * C + C * V + 8 * C) + 4 * d * L * L * C)
+    assert var.estimate_flops() == pytest.approx(expected)
+
+
+def test_release_sizes_on_meta_device(shapes_listing):
+    """Strict loading of every released state dict, built on the meta device (no 1-8 GB allocation)."""
+    from var_lab.models.release import RELEASE_PATCH_NUMS
+
+    expected_millions = {16: 310.28, 20: 600.92, 24: 1033.40, 30: 2010.02}
+    with torch.device("meta"):
+        vqvae = VQVAE()
+        state = {k: torch.empty(v) for k, v in shapes_listing["vae_ch160v4096z32"].items()}
+        vqvae.load_state_dict(state, strict=True, assign=True)
+        for depth, millions in expected_millions.items():
+            var = VAR(vqvae=None, depth=depth, vocab_size=4096, z_channels=32, patch_nums=RELEASE_PATCH_NUMS)
+            state = {k: torch.empty(v) for k, v in shapes_listing[f"var_d{depth}"].items()}
+            var.load_state_dict(state, strict=True, assign=True)
+            assert var.num_scaling_params()["total"] / 1e6 == pytest.approx(millions, abs=0.01)
