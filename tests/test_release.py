@@ -5,14 +5,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from var_lab.models import ReleaseFormatError, VAR, from_release_kwargs, load_release_var
+from var_lab.models import VAR, ReleaseFormatError, from_release_kwargs, load_release_var
 from var_lab.models.release import check_state_dict, depth_of_state_dict
 
 
 def tiny_pair(depth=2):
     vae_kwargs = dict(vocab_size=64, z_channels=8, ch=32, share_quant_resi=4, v_patch_nums=(1, 2, 3, 4))
-    var_kwargs = dict(num_classes=10, depth=depth, embed_dim=128, num_heads=2, shared_aln=False, attn_l2_norm=True,
-                      cond_drop_rate=0.1, patch_nums=(1, 2, 3, 4))
+    var_kwargs = dict(
+        num_classes=10,
+        depth=depth,
+        embed_dim=128,
+        num_heads=2,
+        shared_aln=False,
+        attn_l2_norm=True,
+        cond_drop_rate=0.1,
+        patch_nums=(1, 2, 3, 4),
+    )
     return from_release_kwargs(vae_kwargs, var_kwargs)
 
 

@@ -245,7 +245,9 @@ class MultiScaleQuantizer(nn.Module):
             next_scales.append(next_BCpp.view(B, C, -1).transpose(1, 2))
         return torch.cat(next_scales, dim=1)
 
-    def next_var_input(self, si: int, f_hat_BChw: torch.Tensor, h_BCpp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_var_input(
+        self, si: int, f_hat_BChw: torch.Tensor, h_BCpp: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One step of sampling: add scale ``si``'s codes to ``f_hat`` and return the next scale's input.
 
         Args:
