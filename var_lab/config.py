@@ -51,8 +51,8 @@ class VARModelConfig:
 
     depth: int = 16
     """Number of transformer blocks; width is 64 * depth and heads = depth."""
-    num_classes: int = 1000
-    """Number of classes (the embedding table has one more row: "no class", for classifier-free guidance)."""
+    num_classes: Optional[int] = None
+    """Number of classes (the table has one more row, "no class", for guidance); None: from the dataset."""
     mlp_ratio: float = 4.0
     """Hidden width of the MLP relative to the model width."""
     drop_path_rate: Optional[float] = None
@@ -171,6 +171,10 @@ class TrainerConfig:
     """Show Lightning's progress bar."""
     compile: bool = False
     """torch.compile the transformer blocks."""
+    checkpoint_every_n_steps: Optional[int] = None
+    """Also write a checkpoint every N optimiser steps (None: only at the end of each epoch)."""
+    keep_checkpoints: int = 2
+    """Step checkpoints kept besides last.ckpt (older good ones are the fallback for a corrupt last.ckpt)."""
     activation_checkpointing: bool = False
     """Recompute block activations in the backward pass (large depths)."""
 

@@ -1,0 +1,173 @@
+"""Training: fast_dev_run of both LightningModules, loss decrease, MLflow contract, resume, compute accounting."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import lightning as L
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from var_lab.config import (
+    DataConfig,
+    FitConfig,
+    FitTokenizerConfig,
+    OptimConfig,
+    TokenizerModelConfig,
+    TrackingConfig,
+    TrainerConfig,
+    VARModelConfig,
+)
+from var_lab.modules.schedules import release_lr_ratio, release_weight_decay
+
+TINY_TOKENIZER = TokenizerModelConfig(
+    vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), patch_nums=(1, 2, 3, 4, 6, 8), using_sa=False
+)
+
+CONTRACT_METRICS = {
+    "train/loss", "train/L_mean", "train/L_tail", "train/acc_mean", "train/acc_tail",
+    "val/L_mean", "val/L_tail", "val/acc_mean", "val/acc_tail",
+    "compute/flops", "compute/pflops", "perf/images_per_s", "perf/tokens_per_s", "opt/lr", "opt/grad_norm",
+}  # fmt: skip
+CONTRACT_PARAMS = {
+    "model.depth", "model.width", "model.heads", "model.params_total", "model.params_blocks", "model.params_embed",
+    "model.params_adaln", "model.params_head", "model.flops_per_image", "model.patch_nums", "data.name",
+    "data.resolution", "train.global_batch", "train.epochs", "train.base_lr", "git.commit",
+}  # fmt: skip
+
+
+def tiny_fit_config(tmp_path, **trainer_overrides) -> FitConfig:
+    trainer = TrainerConfig(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        enable_progress_bar=False,
+        log_every_n_steps=1,
+        **trainer_overrides,
+    )
+    return FitConfig(
+        output_dir=str(tmp_path / "runs" / "d2"),
+        tokenizer=TINY_TOKENIZER,
+        model=VARModelConfig(depth=2, attn_impl="sdpa"),
+        data=DataConfig(batch_size=16, num_workers=0, limit_train=128, limit_val=32),
+        optim=OptimConfig(base_lr=4e-3, warmup_epochs=0.1),
+        trainer=trainer,
+        tracking=TrackingConfig(
+            tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="test", sample_grid_every_n_val=1
+        ),
+    )
+
+
+def test_release_schedule_shape():
+    ratios = [release_lr_ratio(s, 10, 100, 0.005, 0.1) for s in range(100)]
+    assert ratios[0] == pytest.approx(0.005)
+    assert max(ratios) == pytest.approx(1.0)
+    assert ratios[10] == ratios[12] == 1.0  # held for 5% of the decay phase
+    assert ratios[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(ratios[10:], ratios[11:]))
+    assert release_weight_decay(0, 100, 0.05, 0.08) == pytest.approx(0.05)
+    assert release_weight_decay(99, 100, 0.05, 0.08) == pytest.approx(0.08)
+
+
+def test_tokenizer_module_fast_dev_run(tmp_path, fashion_mnist_dir):
+    from var_lab.data import build_datamodule
+    from var_lab.modules.tokenizer import TokenizerModule
+
+    cfg = FitTokenizerConfig(
+        output_dir=str(tmp_path / "tok"),
+        tokenizer=TINY_TOKENIZER,
+        data=DataConfig(batch_size=8, num_workers=0, limit_train=16, limit_val=8),
+    )
+    module = TokenizerModule(cfg)
+    before = module.vqvae.encoder.conv_in.weight.detach().clone()
+    trainer = L.Trainer(fast_dev_run=2, accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer.fit(module, datamodule=build_datamodule(cfg.data))
+    assert not torch.equal(before, module.vqvae.encoder.conv_in.weight)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert "val/psnr" in trainer.callback_metrics
+
+
+def test_tokenizer_module_with_discriminator_fast_dev_run(tmp_path, fashion_mnist_dir):
+    from var_lab.config import TokenizerLossConfig
+    from var_lab.data import build_datamodule
+    from var_lab.modules.tokenizer import TokenizerModule
+
+    cfg = FitTokenizerConfig(
+        output_dir=str(tmp_path / "tok"),
+        tokenizer=TINY_TOKENIZER,
+        loss=TokenizerLossConfig(disc_weight=0.1),
+        data=DataConfig(batch_size=8, num_workers=0, limit_train=16, limit_val=8),
+    )
+    module = TokenizerModule(cfg)
+    d_before = next(module.discriminator.parameters()).detach().clone()
+    trainer = L.Trainer(fast_dev_run=2, accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer.fit(module, datamodule=build_datamodule(cfg.data))
+    assert not torch.equal(d_before, next(module.discriminator.parameters()))
+    assert "train/disc_adaptive_weight" in trainer.callback_metrics
+
+
+def test_perceptual_loss_without_local_weights_is_a_clear_error(tmp_path):
+    from var_lab.config import TokenizerLossConfig
+    from var_lab.modules.tokenizer import TokenizerModule
+
+    cfg = FitTokenizerConfig(tokenizer=TINY_TOKENIZER, loss=TokenizerLossConfig(perceptual_weight=1.0))
+    with pytest.raises(ValueError, match="lpips_weights"):
+        TokenizerModule(cfg)
+    cfg.loss.lpips_weights = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+        TokenizerModule(cfg)
+
+
+def test_var_module_fast_dev_run(tmp_path, fashion_mnist_dir):
+    from var_lab.data import build_datamodule
+    from var_lab.modules.tokenizer import build_vqvae
+    from var_lab.modules.var import VARModule
+
+    cfg = tiny_fit_config(tmp_path)
+    cfg.model.num_classes = 10
+    module = VARModule(cfg, vqvae=build_vqvae(TINY_TOKENIZER))
+    trainer = L.Trainer(fast_dev_run=2, accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer.fit(module, datamodule=build_datamodule(cfg.data))
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert "val/L_scale_5" in trainer.callback_metrics
+
+
+@pytest.mark.slow
+def test_fit_learns_logs_the_contract_and_resumes_into_the_same_run(tmp_path, fashion_mnist_dir):
+    from var_lab.modules.var import load_var_checkpoint
+    from var_lab.train import fit
+
+    cfg = tiny_fit_config(tmp_path, val_check_interval=4, max_steps=12)
+    cfg.trainer.max_epochs = 3
+    summary = fit(dataclasses.replace(cfg))
+    run_id = summary["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+    run = client.get_run(run_id)
+    assert CONTRACT_METRICS <= set(run.data.metrics)
+    assert {f"val/L_scale_{k}" for k in range(6)} <= set(run.data.metrics)
+    assert CONTRACT_PARAMS <= set(run.data.params)
+    assert run.data.tags["var_lab.kind"] == "var"
+    assert int(run.data.params["model.depth"]) == 2
+    val = [m.value for m in sorted(client.get_metric_history(run_id, "val/L_mean"), key=lambda m: m.step)]
+    assert len(val) >= 3 and val[-1] < val[0] - 0.05, val
+    # compute logged == steps x global batch x FLOPs per image
+    flops = {m.step: m.value for m in client.get_metric_history(run_id, "compute/flops")}
+    per_image = float(run.data.params["model.flops_per_image"])
+    global_batch = int(run.data.params["train.global_batch"])
+    assert global_batch == 16
+    for step, value in flops.items():
+        assert value == pytest.approx((step + 1) * global_batch * per_image, rel=1e-6)
+    artifacts = [a.path for a in client.list_artifacts(run_id, "samples")]
+    assert any(p.endswith(".png") for p in artifacts)
+    # resume: more steps, same MLflow run, no duplicated steps
+    cfg2 = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=16))
+    summary2 = fit(cfg2)
+    assert summary2["mlflow_run_id"] == run_id
+    assert summary2["global_step"] == 16
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert len(steps) == len(set(steps)) and max(steps) == 15
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    vqvae, var, info = load_var_checkpoint(tmp_path / "runs" / "d2" / "checkpoints" / "last.ckpt")
+    assert info["mlflow_run_id"] == run_id and info["global_step"] == 16
+    assert var.depth == 2 and var.vqvae is vqvae

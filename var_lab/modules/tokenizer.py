@@ -1,0 +1,269 @@
+"""LightningModule that trains the multi-scale VQVAE tokenizer, and tokenizer loading helpers.
+
+Losses: L1 + L2 reconstruction, VQ + commitment, optional LPIPS perceptual loss (local weights only, never a
+download), optional patch discriminator (hinge loss) with the adaptive weight of taming-transformers. Logged:
+``train/loss``, ``train/rec_l1``, ``train/rec_l2``, ``train/vq``, ``train/usage_scale_<k>`` (codebook usage in %),
+``val/psnr``, ``val/ssim``, ``val/rec_l1`` and a reconstruction grid.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning as L
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from var_lab.config import FitTokenizerConfig, TokenizerModelConfig, from_dict, to_dict
+from var_lab.models.vqvae import VQVAE
+
+
+def build_vqvae(cfg: TokenizerModelConfig) -> VQVAE:
+    """An untrained VQVAE with the given architecture."""
+    return VQVAE(
+        vocab_size=cfg.vocab_size,
+        z_channels=cfg.z_channels,
+        ch=cfg.ch,
+        ch_mult=tuple(cfg.ch_mult),
+        num_res_blocks=cfg.num_res_blocks,
+        dropout=cfg.dropout,
+        beta=cfg.beta,
+        quant_resi=cfg.quant_resi,
+        share_quant_resi=cfg.share_quant_resi,
+        patch_nums=tuple(cfg.patch_nums),
+        using_sa=cfg.using_sa,
+        using_mid_sa=cfg.using_mid_sa,
+    )
+
+
+def load_tokenizer_checkpoint(path: Union[str, Path], map_location: str = "cpu") -> tuple[VQVAE, dict[str, Any]]:
+    """Load a ``var-lab fit-tokenizer`` checkpoint: (frozen vqvae in eval mode, info with ``config``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    hp = ckpt.get("hyper_parameters", {})
+    if "config" not in hp:
+        raise ValueError(f"{path}: not a var-lab tokenizer checkpoint (no hyper_parameters.config)")
+    cfg = from_dict(FitTokenizerConfig, hp["config"], str(path))
+    vqvae = build_vqvae(cfg.tokenizer)
+    state = {k[len("vqvae.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("vqvae.")}
+    vqvae.load_state_dict(state, strict=True)
+    info = {"config": hp["config"], "global_step": int(ckpt.get("global_step", 0)), "tokenizer": cfg.tokenizer}
+    return vqvae.eval().requires_grad_(False), info
+
+
+def load_tokenizer(path: Union[str, Path], cfg: Optional[TokenizerModelConfig] = None) -> VQVAE:
+    """A frozen tokenizer from our Lightning checkpoint, or from a plain state dict (the release's format).
+
+    Args:
+        path: ``.ckpt`` from ``var-lab fit-tokenizer`` or a ``.pth`` state dict such as ``vae_ch160v4096z32.pth``.
+        cfg: architecture for a plain state dict (ignored for our checkpoints, which carry their own).
+    """
+    from var_lab.models.release import ReleaseFormatError, check_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"tokenizer checkpoint not found: {path}. Train one with `var-lab fit-tokenizer`, or download the "
+            "released vae_ch160v4096z32.pth from https://huggingface.co/FoundationVision/var and pass its path."
+        )
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict) and "hyper_parameters" in obj and "state_dict" in obj:
+        vqvae, info = load_tokenizer_checkpoint(path)
+        if cfg is not None and to_dict(info["tokenizer"]) != to_dict(cfg):
+            # The checkpoint's architecture wins; a differing config is a user error worth naming.
+            raise ValueError(
+                f"{path}: the tokenizer config given ({to_dict(cfg)}) differs from the checkpoint's "
+                f"({to_dict(info['tokenizer'])}); drop the tokenizer section or make it match"
+            )
+        return vqvae
+    if not isinstance(obj, dict):
+        raise ReleaseFormatError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    vqvae = build_vqvae(cfg or TokenizerModelConfig())
+    check_state_dict(vqvae, obj, path)
+    vqvae.load_state_dict(obj, strict=True)
+    return vqvae.eval().requires_grad_(False)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN discriminator (pix2pix / taming-transformers) with GroupNorm instead of BatchNorm (DDP friendly)."""
+
+    def __init__(self, channels: int = 64, layers: int = 3):
+        super().__init__()
+        mods: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = channels
+        for i in range(1, layers):
+            nxt = channels * min(2**i, 8)
+            mods += [nn.Conv2d(ch, nxt, 4, 2, 1, bias=False), nn.GroupNorm(8, nxt), nn.LeakyReLU(0.2)]
+            ch = nxt
+        mods += [nn.Conv2d(ch, ch, 4, 1, 1, bias=False), nn.GroupNorm(8, ch), nn.LeakyReLU(0.2)]
+        mods += [nn.Conv2d(ch, 1, 4, 1, 1)]
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, img_B3HW: torch.Tensor) -> torch.Tensor:
+        return self.net(img_B3HW)
+
+
+def make_lpips(weights_dir: Optional[str]) -> nn.Module:
+    """torchmetrics LPIPS (VGG) from local weights; a clear error instead of a download when they are absent."""
+    if not weights_dir:
+        raise ValueError(
+            "loss.perceptual_weight > 0 needs loss.lpips_weights: a TORCH_HOME-style folder holding "
+            "hub/checkpoints/vgg16-397923af.pth (torchvision's VGG16 weights); var-lab never downloads weights"
+        )
+    vgg = Path(weights_dir) / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    if not vgg.is_file():
+        raise FileNotFoundError(
+            f"LPIPS backbone weights not found: {vgg}. Copy torchvision's vgg16-397923af.pth there "
+            "(from a machine with internet: torchvision.models.vgg16(weights='IMAGENET1K_V1'))."
+        )
+    import os
+
+    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+    os.environ["TORCH_HOME"] = str(weights_dir)
+    return LearnedPerceptualImagePatchSimilarity(net_type="vgg", normalize=False).eval().requires_grad_(False)
+
+
+class TokenizerModule(L.LightningModule):
+    """Train the VQVAE (manual optimisation so that the optional discriminator gets its own step)."""
+
+    def __init__(self, config: Union[FitTokenizerConfig, dict]):
+        super().__init__()
+        cfg = config if isinstance(config, FitTokenizerConfig) else from_dict(FitTokenizerConfig, config)
+        self.cfg = cfg
+        self.save_hyperparameters({"config": to_dict(cfg)})
+        self.automatic_optimization = False
+        self.vqvae = build_vqvae(cfg.tokenizer)
+        self.lpips = make_lpips(cfg.loss.lpips_weights) if cfg.loss.perceptual_weight > 0 else None
+        self.discriminator = PatchDiscriminator() if cfg.loss.disc_weight > 0 else None
+        from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+        self.val_psnr = PeakSignalNoiseRatio(data_range=2.0)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
+
+    def on_fit_start(self) -> None:
+        if self.logger is not None and self.global_rank == 0:
+            from var_lab.tracking import git_commit
+
+            t = self.cfg.tokenizer
+            params = {
+                "tokenizer.vocab_size": t.vocab_size,
+                "tokenizer.z_channels": t.z_channels,
+                "tokenizer.ch": t.ch,
+                "tokenizer.ch_mult": ",".join(map(str, t.ch_mult)),
+                "tokenizer.params_total": sum(p.numel() for p in self.vqvae.parameters()),
+                "model.patch_nums": ",".join(map(str, t.patch_nums)),
+                "data.name": self.cfg.data.name,
+                "data.resolution": self.cfg.data.resolution,
+                "train.global_batch": self.cfg.data.batch_size * self.trainer.world_size,
+                "train.epochs": self.cfg.trainer.max_epochs,
+                "train.lr": self.cfg.lr,
+                "git.commit": git_commit(),
+            }
+            self.logger.log_hyperparams(params)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(
+            self.vqvae.parameters(), lr=self.cfg.lr, betas=tuple(self.cfg.betas), weight_decay=self.cfg.weight_decay
+        )
+        if self.discriminator is None:
+            return opt
+        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=self.cfg.lr, betas=tuple(self.cfg.betas))
+        return [opt, opt_d]
+
+    def _reconstruction_losses(self, img: torch.Tensor, rec: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"rec_l1": F.l1_loss(rec, img), "rec_l2": F.mse_loss(rec, img)}
+        if self.lpips is not None:
+            out["perceptual"] = self.lpips(rec.clamp(-1, 1), img)
+        return out
+
+    def _adaptive_weight(self, rec_loss: torch.Tensor, g_loss: torch.Tensor) -> torch.Tensor:
+        last = self.vqvae.decoder.conv_out.weight
+        rec_grad = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+        return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        img, _ = batch
+        lc = self.cfg.loss
+        optimizers = self.optimizers()
+        opt = optimizers[0] if isinstance(optimizers, list) else optimizers
+        rec, vq_loss, hits_SV = self.vqvae(img)
+        parts = self._reconstruction_losses(img, rec)
+        rec_loss = lc.l1_weight * parts["rec_l1"] + lc.l2_weight * parts["rec_l2"]
+        if "perceptual" in parts:
+            rec_loss = rec_loss + lc.perceptual_weight * parts["perceptual"]
+        loss = rec_loss + lc.vq_weight * vq_loss
+        use_disc = self.discriminator is not None and self.global_step >= lc.disc_start_step
+        if use_disc:
+            g_loss = -self.discriminator(rec).mean()
+            weight = self._adaptive_weight(rec_loss, g_loss)
+            loss = loss + lc.disc_weight * weight * g_loss
+            self.log("train/disc_adaptive_weight", weight, batch_size=img.shape[0])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite tokenizer loss ({loss.item()}) at step {self.global_step}")
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        opt.step()
+        if use_disc:
+            opt_d = optimizers[1]
+            real = self.discriminator(img)
+            fake = self.discriminator(rec.detach())
+            d_loss = 0.5 * (F.relu(1 - real).mean() + F.relu(1 + fake).mean())
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            opt_d.step()
+            self.log("train/disc_loss", d_loss, batch_size=img.shape[0])
+        with torch.no_grad():
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(hits_SV)
+            self.vqvae.quantize.update_usage(hits_SV)
+        B = img.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        self.log("train/vq", vq_loss, batch_size=B)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=B)
+        vectors = float(hits_SV[-1].sum())
+        for k, usage in enumerate(self.vqvae.quantize.usage_percent(vectors)):
+            self.log(f"train/usage_scale_{k}", usage, batch_size=B)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        img, _ = batch
+        rec, vq_loss, _ = self.vqvae(img)
+        rec = rec.clamp(-1, 1)
+        self.val_psnr(rec, img)
+        self.val_ssim(rec, img)
+        B = img.shape[0]
+        self.log("val/rec_l1", F.l1_loss(rec, img), batch_size=B, sync_dist=True, prog_bar=True)
+        self.log("val/vq", vq_loss, batch_size=B, sync_dist=True)
+        self.log("val/psnr", self.val_psnr, batch_size=B)
+        self.log("val/ssim", self.val_ssim, batch_size=B)
+        if batch_idx == 0 and self.global_rank == 0 and not self.trainer.sanity_checking:
+            self._save_grid(img[:8], rec[:8])
+
+    def _save_grid(self, img: torch.Tensor, rec: torch.Tensor) -> None:
+        from torchvision.utils import save_image
+
+        out_dir = Path(self.cfg.output_dir) / "samples"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"reconstruction_step{self.global_step:07d}.png"
+        save_image(torch.cat([img, rec]).add(1).mul(0.5), path, nrow=img.shape[0])
+        logger = self.logger
+        if logger is not None and getattr(logger, "run_id", None):
+            try:
+                logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="samples")
+            except Exception as exc:  # noqa: BLE001 - artifacts never stop training
+                self.print(f"warning: could not log {path} to MLflow: {exc}")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        run_id = None
+        try:
+            run_id = getattr(self.logger, "run_id", None) if self.logger is not None else None
+        except Exception:  # noqa: BLE001
+            pass
+        checkpoint["var_lab"] = {"kind": "tokenizer", "mlflow_run_id": run_id}

@@ -1,0 +1,332 @@
+"""LightningModule that trains a VAR transformer on top of a frozen tokenizer, with the release's recipe.
+
+Logged (names from the MLflow contract): ``train/loss``, ``train/L_mean``, ``train/L_tail``, ``train/acc_mean``,
+``train/acc_tail``, ``val/*`` likewise plus ``val/L_scale_<k>``, ``opt/lr``, ``opt/grad_norm``, ``perf/images_per_s``,
+``perf/tokens_per_s``, ``compute/flops`` and ``compute/pflops`` (cumulative analytic training FLOPs).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from var_lab.config import FitConfig, from_dict, to_dict
+from var_lab.data.tokens import split_scales
+from var_lab.models.var import VAR, loss_per_token
+from var_lab.models.vqvae import VQVAE
+from var_lab.modules.schedules import NO_WEIGHT_DECAY, release_lr_ratio, release_weight_decay
+from var_lab.modules.tokenizer import build_vqvae, load_tokenizer
+
+
+class VARModule(L.LightningModule):
+    """Train ``VAR`` (depth from ``config.model.depth``) with a frozen ``VQVAE``.
+
+    Args:
+        config: the run config (a ``FitConfig`` or its dict, as stored in checkpoints).
+        vqvae: the frozen tokenizer; None loads ``config.tokenizer_ckpt`` (or builds an untrained one when that is
+            None, for tests and shape checks).
+    """
+
+    def __init__(self, config: Union[FitConfig, dict], vqvae: Optional[VQVAE] = None):
+        super().__init__()
+        cfg = config if isinstance(config, FitConfig) else from_dict(FitConfig, config, "checkpoint hyper_parameters")
+        if cfg.model.num_classes is None:
+            raise ValueError("model.num_classes must be resolved (from the dataset) before building the module")
+        self.cfg = cfg
+        self.save_hyperparameters({"config": to_dict(cfg)})
+        if vqvae is None:
+            vqvae = (
+                load_tokenizer(cfg.tokenizer_ckpt, cfg.tokenizer) if cfg.tokenizer_ckpt else build_vqvae(cfg.tokenizer)
+            )
+        self.vqvae = vqvae.eval().requires_grad_(False)
+        m = cfg.model
+        self.var = VAR(
+            vqvae=self.vqvae,
+            num_classes=m.num_classes,
+            depth=m.depth,
+            mlp_ratio=m.mlp_ratio,
+            drop_rate=m.drop_rate,
+            attn_drop_rate=m.attn_drop_rate,
+            drop_path_rate=m.drop_path,
+            norm_eps=m.norm_eps,
+            shared_aln=m.shared_aln,
+            cond_drop_rate=m.cond_drop_rate,
+            attn_l2_norm=m.attn_l2_norm,
+            attn_impl=m.attn_impl,
+            init_adaln_gamma=cfg.optim.alng,
+        )
+        self.var.activation_checkpointing = cfg.trainer.activation_checkpointing
+        self.flops_per_image = self.var.estimate_flops()
+        self.scaling_params = self.var.num_scaling_params()
+        self.patch_nums = self.var.patch_nums
+        self._tail_begin = self.var.begin_ends[-1][0]
+        self._step_start_time: Optional[float] = None
+        self._compiled = False
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def global_batch(self) -> int:
+        """Images per optimiser step over all processes."""
+        world = self.trainer.world_size if self._trainer is not None else 1
+        return self.cfg.data.batch_size * world * self.cfg.trainer.accumulate_grad_batches
+
+    @property
+    def peak_lr(self) -> float:
+        """The release's rule: lr = base_lr * global_batch / 256."""
+        return self.cfg.optim.base_lr * self.global_batch / 256
+
+    def mlflow_params(self) -> dict[str, Any]:
+        """Params of the MLflow contract (DESIGN.md)."""
+        from var_lab.tracking import git_commit
+
+        p = self.scaling_params
+        return {
+            "model.depth": self.var.depth,
+            "model.width": self.var.C,
+            "model.heads": self.var.num_heads,
+            "model.params_total": p["total"],
+            "model.params_blocks": p["blocks"],
+            "model.params_embed": p["embed"],
+            "model.params_adaln": p["adaln"],
+            "model.params_head": p["head"],
+            "model.flops_per_image": self.flops_per_image,
+            "model.patch_nums": ",".join(str(pn) for pn in self.patch_nums),
+            "model.vocab_size": self.var.V,
+            "model.num_classes": self.var.num_classes,
+            "data.name": self.cfg.data.name,
+            "data.resolution": self.cfg.data.resolution,
+            "train.global_batch": self.global_batch,
+            "train.epochs": self.cfg.trainer.max_epochs,
+            "train.base_lr": self.cfg.optim.base_lr,
+            "train.peak_lr": self.peak_lr,
+            "train.final_lr_ratio": self.cfg.optim.final_lr_ratio,
+            "train.weight_decay": self.cfg.optim.weight_decay,
+            "train.final_weight_decay": self.cfg.optim.final_weight_decay,
+            "train.alng": self.cfg.optim.alng,
+            "train.label_smoothing": self.cfg.optim.label_smoothing,
+            "train.precision": str(self.trainer.precision) if self._trainer is not None else "",
+            "train.seed": self.cfg.seed,
+            "git.commit": git_commit(),
+        }
+
+    # ------------------------------------------------------------------ steps
+    def setup(self, stage: str) -> None:
+        if self.cfg.trainer.compile and not self._compiled:
+            for block in self.var.blocks:
+                block.compile()
+            self._compiled = True
+
+    def on_fit_start(self) -> None:
+        if self.logger is not None and self.global_rank == 0:
+            self.logger.log_hyperparams(self.mlflow_params())
+
+    def _tokens_and_input(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(images or token ids, labels) -> (target_BL, x_BLCv, labels_B); the tokenizer runs without gradients."""
+        data, labels_B = batch
+        with torch.no_grad():
+            if data.dtype.is_floating_point:
+                idx_list = self.vqvae.img_to_idx(data)
+            else:
+                idx_list = split_scales(data.long(), self.patch_nums)
+            x_BLCv = self.vqvae.idx_to_var_input(idx_list)
+        target_BL = torch.cat(idx_list, dim=1)
+        return target_BL, x_BLCv, labels_B.long()
+
+    def _metrics(self, logits_BLV: torch.Tensor, target_BL: torch.Tensor) -> dict[str, torch.Tensor]:
+        ce_BL = loss_per_token(logits_BLV.detach(), target_BL)
+        correct_BL = (logits_BLV.detach().argmax(-1) == target_BL).float()
+        tail = self._tail_begin
+        return {
+            "L_mean": ce_BL.mean(),
+            "L_tail": ce_BL[:, tail:].mean(),
+            "acc_mean": correct_BL.mean(),
+            "acc_tail": correct_BL[:, tail:].mean(),
+            "ce_BL": ce_BL,
+        }
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        target_BL, x_BLCv, labels_B = self._tokens_and_input(batch)
+        logits_BLV = self.var(labels_B, x_BLCv)
+        loss = loss_per_token(logits_BLV, target_BL, self.cfg.optim.label_smoothing).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
+                "the last good checkpoint is kept in the checkpoints folder"
+            )
+        metrics = self._metrics(logits_BLV, target_BL)
+        B = target_BL.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        for name in ("L_mean", "L_tail", "acc_mean", "acc_tail"):
+            self.log(f"train/{name}", metrics[name], batch_size=B)
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._apply_schedule()
+        self._step_start_time = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        steps_done = self.global_step  # already incremented after the optimiser step
+        flops = steps_done * self.global_batch * self.flops_per_image
+        self.log("compute/flops", float(flops), batch_size=1)
+        self.log("compute/pflops", flops / 1e15, batch_size=1)
+        if self._step_start_time is not None:
+            elapsed = time.perf_counter() - self._step_start_time
+            world = self.trainer.world_size
+            images_per_s = self.cfg.data.batch_size * world / max(elapsed, 1e-9)
+            self.log("perf/images_per_s", images_per_s, batch_size=1)
+            self.log("perf/tokens_per_s", images_per_s * self.var.L, batch_size=1)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        target_BL, x_BLCv, labels_B = self._tokens_and_input(batch)
+        logits_BLV = self.var(labels_B, x_BLCv)
+        metrics = self._metrics(logits_BLV, target_BL)
+        B = target_BL.shape[0]
+        for name in ("L_mean", "L_tail", "acc_mean", "acc_tail"):
+            self.log(f"val/{name}", metrics[name], batch_size=B, sync_dist=True, prog_bar=name == "L_mean")
+        for k, (begin, end) in enumerate(self.var.begin_ends):
+            self.log(f"val/L_scale_{k}", metrics["ce_BL"][:, begin:end].mean(), batch_size=B, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        every = self.cfg.tracking.sample_grid_every_n_val
+        if self.trainer.sanity_checking or every <= 0 or self.global_rank != 0:
+            return
+        self._val_count = getattr(self, "_val_count", 0) + 1
+        if (self._val_count - 1) % every == 0:
+            self.log_sample_grid()
+
+    @torch.no_grad()
+    def log_sample_grid(self, classes: int = 8, per_class: int = 4) -> Optional[Path]:
+        """Sample ``classes`` x ``per_class`` images (cfg 1.5, top-k 900, top-p 0.96), save a PNG, log it to MLflow."""
+        from torchvision.utils import save_image
+
+        n_cls = min(classes, self.var.num_classes)
+        labels_B = torch.arange(n_cls, device=self.device).repeat_interleave(per_class)
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
+        img_B3HW = self.var.sample(labels_B, cfg=1.5, top_k=900, top_p=0.96, generator=generator)
+        out_dir = Path(self.cfg.output_dir) / "samples"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"samples_step{self.global_step:07d}.png"
+        save_image(img_B3HW, path, nrow=per_class * 2)
+        logger = self.logger
+        if logger is not None and hasattr(logger, "experiment") and getattr(logger, "run_id", None):
+            try:
+                logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="samples")
+            except Exception as exc:  # noqa: BLE001 - an artifact must never stop training
+                self.print(f"warning: could not log {path} to MLflow: {exc}")
+        return path
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.var.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.ndim == 1 or any(key in name for key in NO_WEIGHT_DECAY):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        o = self.cfg.optim
+        fused = o.fused if o.fused is not None else torch.cuda.is_available()
+        groups = [
+            {"params": decay, "weight_decay": o.weight_decay, "wd_scale": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "wd_scale": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=self.peak_lr, betas=tuple(o.betas), fused=fused)
+
+    def _total_and_warmup_steps(self) -> tuple[int, int]:
+        total = int(self.trainer.estimated_stepping_batches)
+        epochs = max(self.trainer.max_epochs or 1, 1)
+        steps_per_epoch = max(total / epochs, 1)
+        if self.cfg.trainer.max_steps and self.cfg.trainer.max_steps > 0:
+            # The schedule spans the configured epochs even when max_steps stops the run early.
+            total = max(int(math.ceil(steps_per_epoch * epochs)), 1)
+        warmup_epochs = self.cfg.optim.warmup_epochs
+        if warmup_epochs is None:
+            warmup_epochs = epochs / 50
+        warmup = int(round(warmup_epochs * steps_per_epoch))
+        return total, warmup
+
+    def _apply_schedule(self) -> None:
+        total, warmup = self._total_and_warmup_steps()
+        o = self.cfg.optim
+        step = self.global_step
+        lr = self.peak_lr * release_lr_ratio(step, warmup, total, o.warmup_start_ratio, o.final_lr_ratio)
+        wd = release_weight_decay(step, total, o.weight_decay, o.final_weight_decay)
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+                group["weight_decay"] = wd * group.get("wd_scale", 1.0)
+        self.log("opt/lr", lr, batch_size=1)
+        self.log("opt/weight_decay", wd, batch_size=1)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        clip = self.cfg.optim.grad_clip
+        params = [p for p in self.var.parameters() if p.grad is not None]
+        max_norm = clip if clip and clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm)
+        self.log("opt/grad_norm", grad_norm, batch_size=1)
+
+    # ------------------------------------------------------------------ checkpoint content
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["var_lab"] = {
+            "kind": "var",
+            "mlflow_run_id": _logger_run_id(self.logger),
+            "tracking_uri": getattr(self.logger, "_tracking_uri", None),
+            "flops_per_image": self.flops_per_image,
+            "scaling_params": self.scaling_params,
+        }
+
+
+def _logger_run_id(logger) -> Optional[str]:
+    try:
+        return getattr(logger, "run_id", None) if logger is not None else None
+    except Exception:  # noqa: BLE001 - a logger whose store is down still lets us checkpoint
+        return None
+
+
+def is_rank_zero() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def load_var_checkpoint(
+    path: Union[str, Path], map_location: Union[str, torch.device] = "cpu"
+) -> tuple[VQVAE, VAR, dict[str, Any]]:
+    """Load a training checkpoint of ``VARModule``.
+
+    Args:
+        path: a ``.ckpt`` written by ``var-lab fit``.
+        map_location: device for the weights.
+
+    Returns:
+        (vqvae, var, info) with the tokenizer attached to the transformer, both in eval mode; ``info`` holds
+        ``fit_config`` (dict), ``global_step``, ``mlflow_run_id``, ``tracking_uri``, ``epoch``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if "hyper_parameters" not in ckpt or "config" not in ckpt["hyper_parameters"]:
+        raise ValueError(f"{path}: not a var-lab VAR checkpoint (no hyper_parameters.config)")
+    cfg_dict = ckpt["hyper_parameters"]["config"]
+    cfg = from_dict(FitConfig, cfg_dict, str(path))
+    state = ckpt["state_dict"]
+    vqvae = build_vqvae(cfg.tokenizer)
+    vqvae.load_state_dict({k[len("vqvae.") :]: v for k, v in state.items() if k.startswith("vqvae.")}, strict=True)
+    module = VARModule(cfg, vqvae=vqvae)
+    var = module.var
+    var.load_state_dict({k[len("var.") :]: v for k, v in state.items() if k.startswith("var.")}, strict=True)
+    meta = ckpt.get("var_lab", {})
+    info = {
+        "fit_config": cfg_dict,
+        "global_step": int(ckpt.get("global_step", 0)),
+        "epoch": int(ckpt.get("epoch", 0)),
+        "mlflow_run_id": meta.get("mlflow_run_id"),
+        "tracking_uri": meta.get("tracking_uri"),
+    }
+    return vqvae.eval(), var.eval(), info
