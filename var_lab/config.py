@@ -102,9 +102,9 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per device."""
     limit_train: Optional[int] = None
-    """Use only the first N training samples (tiny runs and tests)."""
+    """Use a fixed random subset (seed 0) of N training samples (tiny runs and tests)."""
     limit_val: Optional[int] = None
-    """Use only the first N validation samples."""
+    """Use a fixed random subset (seed 0) of N validation samples."""
     hflip: bool = False
     """Random horizontal flip (off in the release)."""
 
@@ -184,7 +184,7 @@ class TrackingConfig:
     """MLflow tracking (see the MLflow contract in the README)."""
 
     tracking_uri: Optional[str] = None
-    """MLflow tracking URI; None means $MLFLOW_TRACKING_URI or sqlite:///<output_dir>/../mlflow.db."""
+    """MLflow tracking URI; None means $MLFLOW_TRACKING_URI or sqlite:///<output_dir>/../mlflow.db; none: CSV only."""
     experiment: str = "var-lab"
     """MLflow experiment name (one per sweep)."""
     run_name: Optional[str] = None

@@ -48,6 +48,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
+from var_lab.provenance import git_commit  # noqa: F401 - re-exported for callers of var_lab.tracking
+
 log = logging.getLogger(__name__)
 
 DEFAULT_DB_NAME = "mlflow.db"
@@ -286,23 +288,6 @@ def get_or_create_experiment(uri: str, name: str, artifact_root: Optional[Union[
 # ----------------------------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def git_commit() -> str:
-    """The git HEAD of the var-lab checkout, or ``"unknown"`` (not a checkout, or git missing)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    commit = out.stdout.strip()
-    return commit if re.fullmatch(r"[0-9a-f]{40,64}", commit) else "unknown"
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

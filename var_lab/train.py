@@ -81,6 +81,8 @@ def find_resume_checkpoint(ckpt_dir: Path) -> Optional[Path]:
 
 def resolve_resume(resume: str, output_dir: Path) -> Optional[str]:
     if resume == "never":
+        if global_rank() == 0:
+            (output_dir / "mlflow_run_id").unlink(missing_ok=True)  # a fresh run opens a fresh MLflow run
         return None
     if resume == "auto":
         found = find_resume_checkpoint(output_dir / "checkpoints")
@@ -153,6 +155,18 @@ def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks
     return L.Trainer(**kwargs)
 
 
+def make_logger(tracking_cfg, output_dir: Path, tags: dict[str, str]):
+    """The run's MLflow logger, or a CSV logger in ``output_dir/csv`` when ``tracking_uri`` is ``none``."""
+    if (tracking_cfg.tracking_uri or "").lower() in ("none", "off"):
+        from lightning.pytorch.loggers import CSVLogger
+
+        warnings.warn("tracking_uri=none: MLflow is off, metrics go to CSV files in the run folder", stacklevel=2)
+        return CSVLogger(str(output_dir), name="csv")
+    from var_lab.tracking import make_mlflow_logger
+
+    return make_mlflow_logger(tracking_cfg, output_dir, tags=tags)
+
+
 def _final_metrics(trainer) -> dict[str, float]:
     out = {}
     for key, value in trainer.callback_metrics.items():
@@ -202,7 +216,6 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     from var_lab.data import build_datamodule
     from var_lab.modules.tokenizer import build_vqvae, load_tokenizer
     from var_lab.modules.var import VARModule
-    from var_lab.tracking import make_mlflow_logger
 
     output_dir = Path(cfg.output_dir).resolve()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -224,7 +237,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
         tags["var_lab.point"] = cfg.tracking.point
     if cfg.tracking.run_name is None:
         cfg.tracking.run_name = f"var-d{cfg.model.depth}"
-    logger = make_mlflow_logger(cfg.tracking, output_dir, tags=tags)
+    logger = make_logger(cfg.tracking, output_dir, tags)
     callbacks = []
     if cfg.eval.every_n_epochs > 0:
         from var_lab.callbacks.fid import FIDCallback
@@ -245,10 +258,11 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
         "epoch": int(trainer.current_epoch),
         "metrics": _final_metrics(trainer),
         "mlflow_run_id": getattr(logger, "run_id", None) if trainer.global_rank == 0 else None,
+        "images_per_s": _final_metrics(trainer).get("perf/images_per_s"),
         "last_checkpoint": str(output_dir / "checkpoints" / "last.ckpt"),
     }
     if trainer.global_rank == 0 and logger is not None:
-        logger.finalize("FINISHED")
+        logger.finalize("success")
     return summary
 
 
@@ -265,7 +279,6 @@ def fit_tokenizer(cfg: FitTokenizerConfig) -> dict[str, Any]:
 
     from var_lab.data import build_datamodule
     from var_lab.modules.tokenizer import TokenizerModule
-    from var_lab.tracking import make_mlflow_logger
 
     output_dir = Path(cfg.output_dir).resolve()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -285,7 +298,7 @@ def fit_tokenizer(cfg: FitTokenizerConfig) -> dict[str, Any]:
         tags["var_lab.point"] = cfg.tracking.point
     if cfg.tracking.run_name is None:
         cfg.tracking.run_name = f"tokenizer-v{cfg.tokenizer.vocab_size}"
-    logger = make_mlflow_logger(cfg.tracking, output_dir, tags=tags)
+    logger = make_logger(cfg.tracking, output_dir, tags)
     trainer = make_trainer(cfg.trainer, output_dir, logger, [])
     ckpt_path = resolve_resume(cfg.resume, output_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -298,7 +311,7 @@ def fit_tokenizer(cfg: FitTokenizerConfig) -> dict[str, Any]:
         "last_checkpoint": str(output_dir / "checkpoints" / "last.ckpt"),
     }
     if trainer.global_rank == 0 and logger is not None:
-        logger.finalize("FINISHED")
+        logger.finalize("success")
     return summary
 
 

@@ -148,7 +148,7 @@ class TokenizerModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         if self.logger is not None and self.global_rank == 0:
-            from var_lab.tracking import git_commit
+            from var_lab.provenance import git_commit
 
             t = self.cfg.tokenizer
             params = {
@@ -254,9 +254,9 @@ class TokenizerModule(L.LightningModule):
         path = out_dir / f"reconstruction_step{self.global_step:07d}.png"
         save_image(torch.cat([img, rec]).add(1).mul(0.5), path, nrow=img.shape[0])
         logger = self.logger
-        if logger is not None and getattr(logger, "run_id", None):
+        if logger is not None and hasattr(logger, "log_artifact"):
             try:
-                logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="samples")
+                logger.log_artifact(str(path), "samples")  # spooled while the store is down
             except Exception as exc:  # noqa: BLE001 - artifacts never stop training
                 self.print(f"warning: could not log {path} to MLflow: {exc}")
 

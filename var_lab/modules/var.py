@@ -83,7 +83,7 @@ class VARModule(L.LightningModule):
 
     def mlflow_params(self) -> dict[str, Any]:
         """Params of the MLflow contract (DESIGN.md)."""
-        from var_lab.tracking import git_commit
+        from var_lab.provenance import git_commit
 
         p = self.scaling_params
         return {
@@ -100,7 +100,7 @@ class VARModule(L.LightningModule):
             "model.vocab_size": self.var.V,
             "model.num_classes": self.var.num_classes,
             "data.name": self.cfg.data.name,
-            "data.resolution": self.cfg.data.resolution,
+            "data.resolution": self.data_resolution(),
             "train.global_batch": self.global_batch,
             "train.epochs": self.cfg.trainer.max_epochs,
             "train.base_lr": self.cfg.optim.base_lr,
@@ -115,11 +115,18 @@ class VARModule(L.LightningModule):
             "git.commit": git_commit(),
         }
 
+    def data_resolution(self) -> int:
+        """Image side of the training data (a token cache knows it better than the config)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return int(getattr(datamodule, "resolution", self.cfg.data.resolution))
+
     # ------------------------------------------------------------------ steps
     def setup(self, stage: str) -> None:
         if self.cfg.trainer.compile and not self._compiled:
-            for block in self.var.blocks:
-                block.compile()
+            # One graph for the whole teacher-forcing forward: per-block compilation would recompile for every
+            # block (their drop-path rates differ) and hit dynamo's recompile limit.
+            self.var.block_causal_mask(self.device)  # built eagerly, outside the traced graph
+            self.var.compile(dynamic=False)
             self._compiled = True
 
     def on_fit_start(self) -> None:
@@ -214,9 +221,9 @@ class VARModule(L.LightningModule):
         path = out_dir / f"samples_step{self.global_step:07d}.png"
         save_image(img_B3HW, path, nrow=per_class * 2)
         logger = self.logger
-        if logger is not None and hasattr(logger, "experiment") and getattr(logger, "run_id", None):
+        if logger is not None and hasattr(logger, "log_artifact"):
             try:
-                logger.experiment.log_artifact(logger.run_id, str(path), artifact_path="samples")
+                logger.log_artifact(str(path), "samples")  # spooled while the store is down
             except Exception as exc:  # noqa: BLE001 - an artifact must never stop training
                 self.print(f"warning: could not log {path} to MLflow: {exc}")
         return path

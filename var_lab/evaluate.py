@@ -1,0 +1,947 @@
+"""``var-lab eval`` and ``var-lab reference-stats``: sample a VAR across every rank and score it with torch-fidelity.
+
+Protocol (the release's, all configurable): ``--per-class 50`` images of every class (50,000 for ImageNet), cfg 1.5,
+top-k 900, top-p 0.96. Image ``i`` has class ``floor(i * C / N)`` (class-balanced, class-major order as the release
+samples them). Images are generated in global batches ``[j * B, (j + 1) * B)``; batch ``j`` runs on rank ``j % W``
+with a generator seeded from ``(seed, j * B)``, so one process or any number of processes produce the same images for
+the same seed and batch size. Every rank extracts the Inception features of its own images on its GPU right after
+sampling; only features (and a few grid images) are gathered, then rank 0 computes the metrics.
+
+Outputs (rank 0): ``metrics.json`` (written before anything is logged, so nothing is lost if the tracking store is
+down), ``grid.png`` (a few classes x a few samples), optional ``images/{i:06d}.png`` (the release's sample folder
+layout, written by every rank) and ``samples.npz`` (ADM format: ``arr_0`` uint8 N x H x W x 3, ``arr_1`` labels).
+MLflow: ``eval/fid``, ``eval/kid``, ``eval/precision``, ``eval/recall`` and ``eval/is`` (when the weights have the
+classifier) at the checkpoint's training step in the checkpoint's run, or in a new run tagged ``var_lab.kind=eval``
+for a released checkpoint; params ``eval.cfg``, ``eval.top_k``, ``eval.top_p``, ``eval.num_samples``,
+``eval.reference``; the grid and metrics.json as artifacts under ``eval/``.
+
+Multi-GPU: ``torchrun --nproc-per-node 8 -m var_lab.cli eval ...`` (or ``var-lab`` under any launcher that sets
+``RANK``/``WORLD_SIZE``); an already initialised ``torch.distributed`` process group (Lightning DDP) is used as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from var_lab.metrics.fid import (
+    DatasetImages,
+    FolderImages,
+    ImageSource,
+    InceptionFeatures,
+    MetricOptions,
+    NpzImages,
+    ReferenceStats,
+    compute_metrics,
+    reference_statistics,
+    to_uint8,
+)
+
+METRIC_NAMES = ("fid", "kid", "prc", "is")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The sampling plan
+
+
+@dataclass
+class SamplingConfig:
+    """What to generate."""
+
+    num_samples: int
+    """Total images N."""
+    num_classes: int
+    """Classes C; image i has class floor(i * C / N)."""
+    cfg: float = 1.5
+    """Classifier-free guidance ratio."""
+    top_k: int = 900
+    """Top-k sampling (0: off)."""
+    top_p: float = 0.96
+    """Top-p sampling (0: off)."""
+    seed: int = 0
+    """Base seed; batch j uses a generator seeded from (seed, j * batch_size)."""
+    batch_size: int = 64
+    """Images per sampling batch (part of the seeding: keep it to reproduce a set)."""
+
+
+def class_balanced_labels(num_samples: int, num_classes: int) -> torch.Tensor:
+    """Labels (N,) with ``label[i] = floor(i * C / N)``: N / C images per class when C divides N, class-major."""
+    if num_samples <= 0 or num_classes <= 0:
+        raise ValueError(f"num_samples and num_classes must be positive, got {num_samples} and {num_classes}")
+    return torch.arange(num_samples, dtype=torch.long) * num_classes // num_samples
+
+
+def batch_ranges(num_samples: int, batch_size: int) -> list[tuple[int, int]]:
+    """Global batches ``[(start, end), ...]`` covering ``range(num_samples)``."""
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    return [(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
+
+
+def batch_seed(seed: int, start: int) -> int:
+    """Seed of the batch that starts at global image index ``start`` (well mixed: no overlap between nearby seeds)."""
+    return int(np.random.SeedSequence([seed, start]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def grid_indices(labels_N: torch.Tensor, num_classes: int, grid_classes: int, grid_per_class: int) -> list[int]:
+    """Global indices of a grid: ``grid_classes`` evenly spaced classes x their first ``grid_per_class`` images."""
+    if grid_classes <= 0 or grid_per_class <= 0:
+        return []
+    classes = np.unique(np.linspace(0, num_classes - 1, min(grid_classes, num_classes)).round().astype(int))
+    out: list[int] = []
+    for c in classes:
+        members = torch.nonzero(labels_N == int(c)).flatten()[:grid_per_class]
+        out += members.tolist()
+    return out
+
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size) of the initialised default process group, or (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@dataclass
+class GeneratedSet:
+    """Generated images of one rank (or, after :func:`gather_generated`, of all ranks, sorted by index).
+
+    Attributes:
+        indices: global image indices (N,).
+        labels: their class labels (N,).
+        features: Inception features per name, e.g. ``"2048"``: (N, 2048); empty without an extractor.
+        grid: global index -> uint8 image (3, H, W) for the images of the grid.
+        images: uint8 images (N, H, W, 3) when kept (for an .npz), else None.
+        resolution: image side.
+        seconds: wall time of sampling and feature extraction (this rank; max over ranks after gathering).
+    """
+
+    indices: torch.Tensor
+    labels: torch.Tensor
+    features: dict[str, torch.Tensor]
+    grid: dict[int, torch.Tensor]
+    images: Optional[np.ndarray] = None
+    resolution: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision in ("bf16", "fp16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    return torch.autocast(device.type, enabled=False)
+
+
+@torch.no_grad()
+def sample_and_extract(
+    var: torch.nn.Module,
+    sampling: SamplingConfig,
+    *,
+    extractor: Optional[InceptionFeatures] = None,
+    device: Union[str, torch.device] = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    png_dir: Optional[Union[str, Path]] = None,
+    keep_images: bool = False,
+    grid: list[int] = (),
+    precision: str = "bf16",
+    progress: bool = True,
+) -> GeneratedSet:
+    """Generate this rank's share of the images and extract their features right away.
+
+    Args:
+        var: a VAR with its tokenizer attached (``var.vqvae``), already on ``device``.
+        sampling: the plan (N, classes, cfg, top-k, top-p, seed, batch size).
+        extractor: Inception features (None: images only).
+        device: the device of ``var``.
+        rank, world_size: this process's share: batches ``rank, rank + W, ...``.
+        png_dir: write every image as ``{index:06d}.png`` there.
+        keep_images: keep the uint8 images in memory (for an .npz).
+        grid: global indices whose images are kept for the grid.
+        precision: ``bf16`` (default on CUDA), ``fp16`` or ``fp32`` for sampling (features are always fp32).
+        progress: show a progress bar (rank 0 only).
+
+    Returns:
+        This rank's :class:`GeneratedSet`.
+    """
+    device = torch.device(device)
+    labels_all = class_balanced_labels(sampling.num_samples, sampling.num_classes)
+    my_batches = batch_ranges(sampling.num_samples, sampling.batch_size)[rank::world_size]
+    total = sum(end - start for start, end in my_batches)
+    grid_set = set(grid)
+    out_dir = Path(png_dir) if png_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    indices, features, kept, grid_images = [], {}, [], {}
+    seconds = {"sampling": 0.0, "features": 0.0}
+    resolution = 0
+    # PNG encoding (zlib) releases the GIL: a few threads keep it off the sampling loop's critical path.
+    writer = ThreadPoolExecutor(max_workers=4) if out_dir is not None else None
+    pending = []
+    bar = tqdm(
+        total=total,
+        desc=f"sampling (rank {rank}/{world_size})" if world_size > 1 else "sampling",
+        unit="img",
+        dynamic_ncols=True,
+        disable=not progress or rank != 0 or os.environ.get("VAR_LAB_QUIET", "") not in ("", "0"),
+    )
+    try:
+        for start, end in my_batches:
+            labels_B = labels_all[start:end].to(device)
+            generator = torch.Generator(device=device).manual_seed(batch_seed(sampling.seed, start))
+            t0 = time.perf_counter()
+            with _autocast(device, precision):
+                img_B3HW = var.sample(
+                    labels_B, cfg=sampling.cfg, top_k=sampling.top_k, top_p=sampling.top_p, generator=generator
+                )
+            img_B3HW = to_uint8(img_B3HW)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t1 = time.perf_counter()
+            seconds["sampling"] += t1 - t0
+            resolution = img_B3HW.shape[-1]
+            if extractor is not None:
+                for name, value in extractor(img_B3HW).items():
+                    features.setdefault(name, []).append(value)
+                seconds["features"] += time.perf_counter() - t1
+            img_cpu = img_B3HW.cpu()
+            indices.append(torch.arange(start, end))
+            for offset, index in enumerate(range(start, end)):
+                if index in grid_set:
+                    grid_images[index] = img_cpu[offset].clone()
+            if keep_images or writer is not None:
+                img_BHW3 = img_cpu.permute(0, 2, 3, 1).contiguous().numpy()
+                if keep_images:
+                    kept.append(img_BHW3)
+                if writer is not None:
+                    pending = [f for f in pending if not f.done()]
+                    pending.append(writer.submit(_write_pngs, out_dir, start, img_BHW3))
+            bar.update(end - start)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.shutdown(wait=True)
+    for future in pending:
+        future.result()  # re-raise a failed write
+    indices_N = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
+    return GeneratedSet(
+        indices=indices_N,
+        labels=labels_all[indices_N],
+        features={name: torch.cat(values) for name, values in features.items()},
+        grid=grid_images,
+        images=np.concatenate(kept) if kept else None,
+        resolution=resolution,
+        seconds=seconds,
+    )
+
+
+def _write_pngs(folder: Path, start: int, img_BHW3: np.ndarray) -> None:
+    from PIL import Image
+
+    for offset, image in enumerate(img_BHW3):
+        Image.fromarray(image).save(folder / f"{start + offset:06d}.png")
+
+
+def gather_generated(local: GeneratedSet, world_size: int) -> GeneratedSet:
+    """All ranks' features, indices and grid images on every rank, sorted by global index (images stay local)."""
+    if world_size == 1:
+        order = torch.argsort(local.indices)
+        return GeneratedSet(
+            indices=local.indices[order],
+            labels=local.labels[order],
+            features={k: v[order] for k, v in local.features.items()},
+            grid=local.grid,
+            images=local.images[order.numpy()] if local.images is not None else None,
+            resolution=local.resolution,
+            seconds=local.seconds,
+        )
+    payload = (local.indices, local.labels, local.features, local.grid, local.resolution, local.seconds)
+    parts: list = [None] * world_size
+    dist.all_gather_object(parts, payload)
+    indices_N = torch.cat([p[0] for p in parts])
+    order = torch.argsort(indices_N)
+    names = parts[0][2].keys()
+    return GeneratedSet(
+        indices=indices_N[order],
+        labels=torch.cat([p[1] for p in parts])[order],
+        features={name: torch.cat([p[2][name] for p in parts])[order] for name in names},
+        grid={k: v for p in parts for k, v in p[3].items()},
+        images=None,
+        resolution=max(p[4] for p in parts),
+        seconds={key: max(p[5][key] for p in parts) for key in local.seconds},
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _write_array_member(archive: zipfile.ZipFile, name: str, shape: tuple, dtype: np.dtype, chunks) -> None:
+    """Stream an array into an .npz member without holding it whole (zip64 for > 4 GB)."""
+    with archive.open(name + ".npy", "w", force_zip64=True) as handle:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_2_0(handle, header)
+        for chunk in chunks:
+            handle.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+
+
+def write_npz(
+    path: Union[str, Path], shards: list[tuple[np.ndarray, np.ndarray]], labels_N: torch.Tensor, chunk: int = 1024
+) -> Path:
+    """ADM-format ``.npz`` (``arr_0`` uint8 N x H x W x 3, ``arr_1`` labels) from shards ``(indices, images)``.
+
+    Shards may be memory-mapped; images are copied in global index order, ``chunk`` at a time.
+    """
+    path = Path(path)
+    num = sum(len(indices) for indices, _ in shards)
+    if num != len(labels_N):
+        raise ValueError(f"{num} images in the shards but {len(labels_N)} labels")
+    owner = np.empty(num, dtype=np.int64)
+    row = np.empty(num, dtype=np.int64)
+    for s, (indices, _) in enumerate(shards):
+        owner[indices] = s
+        row[indices] = np.arange(len(indices))
+    image_shape = shards[0][1].shape[1:]
+
+    def chunks():
+        for begin in range(0, num, chunk):
+            sel = slice(begin, min(begin + chunk, num))
+            out = np.empty((sel.stop - sel.start, *image_shape), dtype=np.uint8)
+            for s, (_, images) in enumerate(shards):
+                mask = owner[sel] == s
+                if mask.any():
+                    out[mask] = images[row[sel][mask]]
+            yield out
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        _write_array_member(archive, "arr_0", (num, *image_shape), np.uint8, chunks())
+        _write_array_member(archive, "arr_1", (num,), np.int64, [labels_N.numpy()])
+    os.replace(tmp, path)
+    return path
+
+
+def save_npz_distributed(local: GeneratedSet, path: Path, labels_N: torch.Tensor, rank: int, world: int) -> None:
+    """Each rank writes its images as a shard next to ``path``; rank 0 merges them into the .npz (shared filesystem)."""
+    if local.images is None:
+        raise ValueError("save_npz_distributed needs keep_images=True")
+    if world == 1:
+        write_npz(path, [(local.indices.numpy(), local.images)], labels_N)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shard = path.with_name(f".{path.name}.rank{rank}-of-{world}.npz")
+    np.savez(shard, indices=local.indices.numpy(), images=local.images)
+    dist.barrier()
+    if rank == 0:
+        paths = [path.with_name(f".{path.name}.rank{r}-of-{world}.npz") for r in range(world)]
+        loaded = [np.load(p) for p in paths]
+        write_npz(path, [(d["indices"], d["images"]) for d in loaded], labels_N)
+        for d, p in zip(loaded, paths):
+            d.close()
+            p.unlink()
+    dist.barrier()
+
+
+def save_grid(generated: GeneratedSet, indices: list[int], per_class: int, path: Path) -> Optional[Path]:
+    """PNG grid: one row per class, ``per_class`` samples per row."""
+    from torchvision.utils import save_image
+
+    images = [generated.grid[i] for i in indices if i in generated.grid]
+    if not images:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(torch.stack(images).float() / 255, path, nrow=per_class, padding=2, pad_value=1.0)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The evaluation
+
+
+@dataclass
+class EvalResult:
+    """What an evaluation produced (rank 0 has everything; other ranks get the metrics)."""
+
+    metrics: dict[str, float]
+    num_samples: int
+    resolution: int
+    reference: str
+    seconds: dict[str, float]
+    skipped: dict[str, str] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+
+def evaluate_var(
+    var: torch.nn.Module,
+    sampling: SamplingConfig,
+    reference: Union[ReferenceStats, Callable[[int], ReferenceStats]],
+    *,
+    extractor: InceptionFeatures,
+    metrics: tuple[str, ...] = ("fid", "kid", "prc"),
+    device: Union[str, torch.device] = "cpu",
+    out_dir: Optional[Union[str, Path]] = None,
+    save_png: bool = False,
+    save_npz: bool = False,
+    grid_classes: int = 8,
+    grid_per_class: int = 8,
+    precision: str = "bf16",
+    options: Optional[MetricOptions] = None,
+    progress: bool = True,
+    skipped: Optional[dict[str, str]] = None,
+) -> EvalResult:
+    """Sample on every rank, gather the features, compute the metrics on rank 0 and share them with all ranks.
+
+    Args:
+        var: VAR with its tokenizer attached, on ``device``.
+        sampling: the sampling plan.
+        reference: the reference statistics, or a function of the image resolution that builds them (called on
+            rank 0 only, after sampling).
+        extractor: the Inception features (its ``names`` must include the logits for IS).
+        metrics: subset of ``fid``, ``kid``, ``prc`` (precision/recall), ``is``.
+        device: where sampling runs.
+        out_dir: where grid.png, images/, samples.npz and metrics.json go (rank 0; PNGs from every rank).
+        save_png, save_npz: write the samples.
+        grid_classes, grid_per_class: the grid (0 disables it).
+        precision: sampling precision (bf16, fp16, fp32).
+        options: KID / precision-recall / IS settings.
+        progress: progress bars.
+        skipped: metrics left out and why (recorded in metrics.json).
+
+    Returns:
+        The result on every rank (files only on rank 0).
+    """
+    unknown = set(metrics) - set(METRIC_NAMES)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; allowed: {', '.join(METRIC_NAMES)}")
+    rank, world = distributed_context()
+    out = Path(out_dir) if out_dir is not None else None
+    if (save_png or save_npz) and out is None:
+        raise ValueError("save_png / save_npz need out_dir")
+    labels_N = class_balanced_labels(sampling.num_samples, sampling.num_classes)
+    grid = grid_indices(labels_N, sampling.num_classes, grid_classes, grid_per_class) if out is not None else []
+    t_start = time.perf_counter()
+    local = sample_and_extract(
+        var,
+        sampling,
+        extractor=extractor,
+        device=device,
+        rank=rank,
+        world_size=world,
+        png_dir=out / "images" if save_png else None,
+        keep_images=save_npz,
+        grid=grid,
+        precision=precision,
+        progress=progress,
+    )
+    files: dict[str, str] = {}
+    if save_npz:
+        save_npz_distributed(local, out / "samples.npz", labels_N, rank, world)
+        files["npz"] = str(out / "samples.npz")
+    if save_png:
+        files["png_dir"] = str(out / "images")
+    generated = gather_generated(local, world)
+    seconds = dict(generated.seconds)
+    seconds["generate_total"] = time.perf_counter() - t_start
+    payload: list[Any] = [None]
+    if rank == 0:
+        t0 = time.perf_counter()
+        ref = reference(generated.resolution) if callable(reference) else reference
+        seconds["reference"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        values = compute_metrics(
+            generated.features,
+            ref,
+            fid="fid" in metrics,
+            kid="kid" in metrics,
+            prc="prc" in metrics,
+            isc="is" in metrics,
+            options=options,
+            device=device,
+        )
+        seconds["metrics"] = time.perf_counter() - t0
+        if out is not None:
+            grid_path = save_grid(generated, grid, grid_per_class, out / "grid.png")
+            if grid_path is not None:
+                files["grid"] = str(grid_path)
+        payload = [(values, ref.description)]
+    if world > 1:
+        dist.broadcast_object_list(payload, src=0)
+    values, description = payload[0]
+    seconds["total"] = time.perf_counter() - t_start
+    result = EvalResult(
+        metrics=values,
+        num_samples=sampling.num_samples,
+        resolution=generated.resolution,
+        reference=description,
+        seconds=seconds,
+        skipped=dict(skipped or {}),
+        files=files,
+    )
+    if rank == 0 and out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "metrics.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"sampling": asdict(sampling), **asdict(result)}, indent=2) + "\n")
+        os.replace(tmp, path)
+        result.files["metrics_json"] = str(path)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# MLflow
+
+
+def mlflow_metrics(result: EvalResult) -> dict[str, float]:
+    """``eval/*`` metric names of the MLflow contract (plus the standard deviations of KID and IS)."""
+    names = {"fid": "eval/fid", "kid": "eval/kid", "kid_std": "eval/kid_std", "precision": "eval/precision"}
+    names |= {"recall": "eval/recall", "is": "eval/is", "is_std": "eval/is_std"}
+    return {names[k]: float(v) for k, v in result.metrics.items() if k in names}
+
+
+def eval_params(sampling: SamplingConfig, result: EvalResult) -> dict[str, str]:
+    return {
+        "eval.cfg": str(sampling.cfg),
+        "eval.top_k": str(sampling.top_k),
+        "eval.top_p": str(sampling.top_p),
+        "eval.num_samples": str(sampling.num_samples),
+        "eval.reference": result.reference[:500],
+    }
+
+
+def log_to_mlflow(
+    result: EvalResult,
+    sampling: SamplingConfig,
+    *,
+    tracking_uri: str,
+    step: int,
+    run_id: Optional[str] = None,
+    experiment: str = "var-lab-eval",
+    run_name: Optional[str] = None,
+    tags: Optional[dict[str, str]] = None,
+    params: Optional[dict[str, Any]] = None,
+) -> str:
+    """Log an evaluation into ``run_id`` (a training run) or into a new run of ``experiment``.
+
+    MLflow params are immutable: an ``eval.*`` param already logged in the run with another value (a second evaluation
+    with other settings) is recorded as the tag ``<param>:step<step>`` instead, with a warning.
+
+    Returns:
+        The run id.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from var_lab.tracking import TAG_KIND, get_or_create_experiment, normalize_tracking_uri
+
+    tracking_uri = normalize_tracking_uri(tracking_uri)
+    if run_id is None:
+        experiment_id = get_or_create_experiment(tracking_uri, experiment)
+    client = MlflowClient(tracking_uri)
+    if run_id is None:
+        run_tags = {TAG_KIND: "eval", **(tags or {})}
+        run_id = client.create_run(experiment_id, run_name=run_name, tags=run_tags).info.run_id
+        new_run = True
+    else:
+        client.get_run(run_id)  # fails clearly when the run does not exist in this store
+        new_run = False
+    wanted = {k: str(v) for k, v in (params or {}).items()} | eval_params(sampling, result)
+    existing = client.get_run(run_id).data.params
+    fresh = [Param(k, v) for k, v in wanted.items() if k not in existing]
+    changed = {k: v for k, v in wanted.items() if k in existing and existing[k] != v}
+    timestamp = int(time.time() * 1000)
+    metrics = [Metric(k, v, timestamp, step) for k, v in mlflow_metrics(result).items()]
+    run_tags = [RunTag(f"{k}:step{step}", v) for k, v in changed.items()]
+    if changed:
+        print(
+            f"var-lab eval: run {run_id} already has {', '.join(f'{k}={existing[k]}' for k in changed)}; "
+            f"MLflow params are immutable, so this evaluation's values are tags '<param>:step{step}'",
+            file=sys.stderr,
+        )
+    client.log_batch(run_id, metrics=metrics, params=fresh, tags=run_tags)
+    for key in ("grid", "metrics_json"):
+        if key in result.files:
+            client.log_artifact(run_id, result.files[key], artifact_path=f"eval/step{step}")
+    if new_run:
+        client.set_terminated(run_id)
+    return run_id
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_reference_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("reference (one of; default: the checkpoint's training images)")
+    group.add_argument(
+        "--reference",
+        help="shorthand: an .npz file, an image folder, 'train' (the checkpoint's training images) or fashion_mnist",
+    )
+    group.add_argument("--reference-npz", help="ADM-style reference batch .npz (arr_0 uint8 NHWC; optional mu/sigma)")
+    group.add_argument("--reference-folder", help="folder of reference images (searched recursively)")
+    group.add_argument(
+        "--reference-data",
+        choices=("fashion_mnist", "folder"),
+        help="a var-lab dataset with the training pipeline's deterministic transform",
+    )
+    parser.add_argument("--reference-root", help="root of --reference-data (default: Fashion-MNIST from Debian)")
+    parser.add_argument(
+        "--reference-split", default="train", choices=("train", "val"), help="split of a dataset reference"
+    )
+    parser.add_argument(
+        "--reference-resolution",
+        type=int,
+        help="resize/crop reference images to this side (default: the generated images' side)",
+    )
+    parser.add_argument(
+        "--reference-limit",
+        type=int,
+        help="at most this many reference images (a fixed subset; 0: all). Default: all of an .npz or folder, "
+        "and as many as generated for a dataset (FID of N vs N)",
+    )
+    parser.add_argument("--cache-dir", help="reference statistics cache (default: $VAR_LAB_CACHE/fid_reference)")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the reference cache")
+
+
+def training_images(data: Optional[dict]) -> Optional[dict]:
+    """``{name, root, resolution}`` of the images a run trained on (its ``data`` config; token caches resolved).
+
+    Returns None when the config names no image dataset.
+    """
+    if not data:
+        return None
+    if data.get("name") in ("fashion_mnist", "folder"):
+        return {"name": data["name"], "root": data.get("root"), "resolution": data.get("resolution")}
+    if data.get("name") == "tokens" and data.get("token_dir"):
+        from var_lab.data.tokens import read_manifest
+
+        manifest = read_manifest(data["token_dir"], "train")  # records what the tokens were encoded from
+        if manifest.get("dataset") in ("fashion_mnist", "folder"):
+            return {"name": manifest["dataset"], "root": manifest.get("root"), "resolution": manifest["resolution"]}
+    return None
+
+
+def reference_source(
+    args: argparse.Namespace,
+    resolution: Optional[int],
+    default_data: Optional[dict] = None,
+    default_limit: Optional[int] = None,
+) -> ImageSource:
+    """The reference images chosen by the flags, else the training images of ``default_data``.
+
+    Args:
+        args: parsed flags of :func:`add_reference_args`.
+        resolution: side of the generated images (folders and datasets are brought to it).
+        default_data: the run's ``data`` config (dict), for the default reference.
+        default_limit: reference images of a dataset when ``--reference-limit`` is not given.
+
+    Raises:
+        ValueError: conflicting flags, or no reference available (says which flags to use).
+        FileNotFoundError: a missing file or folder.
+    """
+    npz, folder, data = args.reference_npz, args.reference_folder, args.reference_data
+    given = [flag for flag, value in (("--reference", args.reference), ("--reference-npz", npz),
+             ("--reference-folder", folder), ("--reference-data", data)) if value]  # fmt: skip
+    if len(given) > 1:
+        raise ValueError(f"give one reference, got {', '.join(given)}")
+    use_training = not given or args.reference in ("train", "data")
+    if args.reference and not use_training:
+        spec = Path(args.reference).expanduser()
+        if args.reference == "fashion_mnist":
+            data = "fashion_mnist"
+        elif spec.suffix == ".npz":
+            npz = args.reference
+        elif spec.is_dir():
+            folder = args.reference
+        else:
+            raise ValueError(
+                f"--reference {args.reference!r}: not an .npz file, an existing folder, 'train' or 'fashion_mnist'"
+            )
+    side = args.reference_resolution or resolution
+    explicit_limit = args.reference_limit or None  # 0 means all
+    dataset_limit = explicit_limit if args.reference_limit is not None else default_limit
+    if npz:
+        return NpzImages(npz, limit=explicit_limit)
+    if folder:
+        return FolderImages(folder, resolution=side, limit=explicit_limit)
+    if data:
+        return DatasetImages(data, args.reference_root, side or 32, args.reference_split, dataset_limit)
+    images = training_images(default_data)
+    if images is None:
+        origin = f"the checkpoint's data.name is '{default_data.get('name')}'" if default_data else "no training data"
+        raise ValueError(
+            f"no reference images ({origin}): pass --reference-npz FILE (for ImageNet the ADM batch "
+            "VIRTUAL_imagenet256_labeled.npz), --reference-folder DIR or --reference-data fashion_mnist|folder"
+        )
+    side = args.reference_resolution or images.get("resolution") or resolution
+    return DatasetImages(images["name"], images["root"], side, args.reference_split, dataset_limit)
+
+
+def _init_distributed(device_arg: Optional[str]) -> tuple[torch.device, bool]:
+    """Start the process group from torchrun's environment when needed; returns (device, started_here)."""
+    started = False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and device_arg != "cpu" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # Rank 0 may spend minutes on the reference statistics while the others wait in a collective.
+        dist.init_process_group(backend, timeout=timedelta(hours=2))
+        started = True
+    if device_arg:
+        device = torch.device(device_arg)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+    return device, started
+
+
+def _load_model(args: argparse.Namespace, device: torch.device):
+    """(var, info, model_params) from --checkpoint or --release-var/--release-tokenizer."""
+    if args.checkpoint:
+        from var_lab.modules.var import load_var_checkpoint
+
+        vqvae, var, info = load_var_checkpoint(args.checkpoint, map_location="cpu")
+        if var.vqvae is None:
+            var.attach_tokenizer(vqvae)
+        model_params: dict[str, Any] = {}
+    else:
+        if not (args.release_var and args.release_tokenizer):
+            raise ValueError("give --checkpoint CKPT, or both --release-var PATH and --release-tokenizer PATH")
+        from var_lab.models import load_release_tokenizer, load_release_var
+
+        vqvae = load_release_tokenizer(args.release_tokenizer)
+        var = load_release_var(args.release_var, vqvae=vqvae, depth=args.depth)
+        info = {"fit_config": None, "global_step": 0, "mlflow_run_id": None, "tracking_uri": None}
+        counts = var.num_scaling_params()
+        model_params = {
+            "model.depth": var.depth,
+            "model.width": var.C,
+            "model.heads": var.num_heads,
+            "model.params_total": counts["total"],
+            "model.params_blocks": counts["blocks"],
+            "model.params_embed": counts["embed"],
+            "model.params_adaln": counts["adaln"],
+            "model.params_head": counts["head"],
+            "model.flops_per_image": var.estimate_flops(),
+            "model.patch_nums": ",".join(str(p) for p in var.patch_nums),
+            "data.resolution": vqvae.resolution,
+            "eval.checkpoint": str(Path(args.release_var).resolve()),
+        }
+    var.vqvae.to(device).eval()
+    var.to(device).eval()
+    return var, info, model_params
+
+
+def _parse_metrics(text: str) -> tuple[str, ...]:
+    items = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = set(items) - set(METRIC_NAMES) - {"auto"}
+    if unknown:
+        raise ValueError(f"--metrics: unknown {sorted(unknown)}; allowed: {', '.join(METRIC_NAMES)}")
+    return items
+
+
+def eval_main(argv: list[str]) -> int:
+    """``var-lab eval``: class-balanced samples on every rank -> FID/KID/IS/precision/recall -> metrics.json, MLflow."""
+    parser = argparse.ArgumentParser(prog="var-lab eval", description=__doc__.split("\n\n")[0])
+    model = parser.add_argument_group("model (one of)")
+    model.add_argument("--checkpoint", help="a var-lab fit checkpoint (.ckpt)")
+    model.add_argument("--release-var", help="a released var_d{16,20,24,30}.pth (with --release-tokenizer)")
+    model.add_argument("--release-tokenizer", help="the released vae_ch160v4096z32.pth")
+    model.add_argument("--depth", type=int, help="expected depth of --release-var")
+    parser.add_argument("--per-class", type=int, default=50, help="images per class (release protocol: 50)")
+    parser.add_argument("--num-samples", type=int, help="total images instead of --per-class x classes (balanced)")
+    parser.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance ratio")
+    parser.add_argument("--top-k", type=int, default=900, help="top-k sampling (0: off)")
+    parser.add_argument("--top-p", type=float, default=0.96, help="top-p sampling (0: off)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed (per batch: derived from seed and position)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per sampling batch per rank")
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="sampling on CUDA")
+    parser.add_argument("--metrics", default="fid,kid,prc,auto", help="fid,kid,prc,is; auto adds IS when possible")
+    parser.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (capped at N)")
+    parser.add_argument("--weights", help="FID Inception weights (default: $TORCH_HOME/hub/checkpoints/...)")
+    parser.add_argument("--feature-batch-size", type=int, default=200, help="images per Inception forward pass")
+    parser.add_argument("--device", help="cuda, cuda:1 or cpu (default: this rank's GPU, else the CPU)")
+    parser.add_argument("--out", help="output folder (default: eval_<step>_cfg<cfg> next to the checkpoint)")
+    parser.add_argument("--save-png", action="store_true", help="write images/{i:06d}.png (the release's layout)")
+    parser.add_argument("--save-npz", action="store_true", help="write samples.npz (ADM format)")
+    parser.add_argument("--grid-classes", type=int, default=8, help="classes in grid.png")
+    parser.add_argument("--grid-per-class", type=int, default=8, help="samples per class in grid.png")
+    parser.add_argument("--tracking-uri", help="MLflow store (default: the checkpoint's, else $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--experiment", default="var-lab-eval", help="experiment of new runs (released checkpoints)")
+    parser.add_argument("--no-mlflow", action="store_true", help="only write metrics.json")
+    add_reference_args(parser)
+    args = parser.parse_args(argv)
+
+    from var_lab.metrics.fid_weights import InceptionScoreUnavailableError, MissingInceptionWeightsError, weights_info
+
+    device, started = _init_distributed(args.device)
+    rank, world = distributed_context()
+    try:
+        metrics = _parse_metrics(args.metrics)
+        info_w = weights_info(args.weights)  # fails early, naming the command that installs the weights
+        skipped: dict[str, str] = {}
+        if "auto" in metrics:
+            metrics = tuple(m for m in metrics if m != "auto")
+            if info_w.has_classifier and "is" not in metrics:
+                metrics += ("is",)
+            elif not info_w.has_classifier:
+                skipped["is"] = f"the weights {info_w.path} have no classifier (converted); IS needs the original"
+                if rank == 0:
+                    print(f"var-lab eval: Inception Score skipped: {skipped['is']}", file=sys.stderr)
+        extractor = InceptionFeatures(
+            args.weights, device=device, batch_size=args.feature_batch_size, with_logits="is" in metrics
+        )
+        var, info, model_params = _load_model(args, device)
+        num_samples = args.num_samples or args.per_class * var.num_classes
+        sampling = SamplingConfig(
+            num_samples=num_samples,
+            num_classes=var.num_classes,
+            cfg=args.cfg,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
+        step = int(info.get("global_step") or 0)
+        if args.out:
+            out = Path(args.out)
+        elif args.checkpoint:
+            out = Path(args.checkpoint).resolve().parent / f"eval_step{step}_cfg{args.cfg:g}_n{num_samples}"
+        else:
+            out = Path("eval_out") / f"release_d{var.depth}_cfg{args.cfg:g}_n{num_samples}"
+        fit_data = (info.get("fit_config") or {}).get("data")
+        # Rank 0 checks the reference before hours of sampling; the statistics are computed (or read from the cache)
+        # after sampling. The other ranks learn about a bad reference through the broadcast instead of hanging.
+        source, problem = None, None
+        if rank == 0:
+            try:
+                source = reference_source(args, var.vqvae.resolution, fit_data, default_limit=num_samples)
+            except (FileNotFoundError, ValueError) as error:
+                problem = str(error)
+        if world > 1:
+            shared = [problem]
+            dist.broadcast_object_list(shared, src=0)
+            problem = shared[0]
+        if problem:
+            raise ValueError(problem)
+
+        def build_reference(resolution: int) -> ReferenceStats:
+            return reference_statistics(source, extractor, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+
+        options = MetricOptions(kid_subset_size=args.kid_subset_size)
+        if rank == 0:
+            print(
+                f"var-lab eval: {num_samples} images ({var.num_classes} classes) on {world} process(es), "
+                f"cfg {args.cfg}, top-k {args.top_k}, top-p {args.top_p}, metrics {','.join(metrics)} -> {out}"
+            )
+        result = evaluate_var(
+            var,
+            sampling,
+            build_reference,
+            extractor=extractor,
+            metrics=metrics,
+            device=device,
+            out_dir=out,
+            save_png=args.save_png,
+            save_npz=args.save_npz,
+            grid_classes=args.grid_classes,
+            grid_per_class=args.grid_per_class,
+            precision=args.precision,
+            options=options,
+            skipped=skipped,
+        )
+        if rank == 0:
+            print(json.dumps({"metrics": result.metrics, "seconds": result.seconds}, indent=2))
+            if not args.no_mlflow:
+                _log_cli_result(args, result, sampling, info, model_params, step, var)
+    except (MissingInceptionWeightsError, InceptionScoreUnavailableError, FileNotFoundError, ValueError) as error:
+        print(f"var-lab eval: {error}", file=sys.stderr)
+        return 1
+    finally:
+        if started:
+            dist.destroy_process_group()
+    return 0
+
+
+def _log_cli_result(args, result: EvalResult, sampling, info: dict, model_params: dict, step: int, var) -> None:
+    from var_lab.tracking import TAG_POINT
+
+    uri = args.tracking_uri or info.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        print("var-lab eval: no MLflow tracking URI (pass --tracking-uri); results are in metrics.json only")
+        return
+    run_id = info.get("mlflow_run_id") if args.checkpoint else None
+    tags = {} if run_id else {TAG_POINT: f"depth={var.depth}", "var_lab.source": "release" if args.release_var else ""}
+    try:
+        run_id = log_to_mlflow(
+            result,
+            sampling,
+            tracking_uri=uri,
+            step=step,
+            run_id=run_id,
+            experiment=args.experiment,
+            run_name=f"eval-d{var.depth}-cfg{args.cfg:g}",
+            tags=tags,
+            params=model_params,
+        )
+    except Exception as error:  # noqa: BLE001 - the store being down must not lose the computed numbers
+        print(
+            f"var-lab eval: could not log to MLflow at {uri} ({type(error).__name__}: {error}); the results are kept "
+            f"in {result.files.get('metrics_json')}",
+            file=sys.stderr,
+        )
+        raise ValueError(f"MLflow logging failed; results kept in {result.files.get('metrics_json')}") from error
+    print(f"var-lab eval: logged eval/* at step {step} to MLflow run {run_id} ({uri})")
+
+
+def reference_stats_main(argv: list[str]) -> int:
+    """``var-lab reference-stats``: compute and cache reference statistics once (optionally export an .npz)."""
+    parser = argparse.ArgumentParser(
+        prog="var-lab reference-stats",
+        description="Compute FID reference statistics (mean, covariance, features) once and cache them.",
+    )
+    add_reference_args(parser)
+    parser.add_argument("--weights", help="FID Inception weights (default: $TORCH_HOME/hub/checkpoints/...)")
+    parser.add_argument("--batch-size", type=int, default=200, help="images per Inception forward pass")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--export-npz", help="also write mu/sigma (and the features) to this .npz")
+    args = parser.parse_args(argv)
+    from var_lab.metrics.fid_weights import MissingInceptionWeightsError
+
+    try:
+        source: ImageSource = reference_source(args, args.reference_resolution)
+        extractor = InceptionFeatures(args.weights, device=args.device, batch_size=args.batch_size)
+        ref = reference_statistics(source, extractor, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+    except (MissingInceptionWeightsError, FileNotFoundError, ValueError) as error:
+        print(f"var-lab reference-stats: {error}", file=sys.stderr)
+        return 1
+    if args.export_npz:
+        arrays = {"mu": ref.mu, "sigma": ref.sigma}
+        if ref.features is not None:
+            arrays["features"] = ref.features.numpy()
+        np.savez(args.export_npz, **arrays)
+    summary = {
+        "reference": ref.description,
+        "num_images": ref.num_images,
+        "cache_file": ref.key.get("cache_file") if not args.no_cache else None,
+        "export_npz": args.export_npz,
+        "weights_sha256": ref.key["extractor"]["weights_sha256"],
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
