@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HERE, print_table, today, write_json  # noqa: E402
 
 from analysis.runs import load_runs, load_study  # noqa: E402
-from analysis.synthetic import SyntheticRun, SyntheticStudy, _log_steps, write_synthetic_study  # noqa: E402
+from analysis.synthetic import SyntheticRun, SyntheticStudy, log_steps, write_synthetic_study  # noqa: E402
 
 METRICS_PER_STEP = 24  # per logged step with the default 10-scale patch schedule; eval/* adds 5 single points
 
@@ -38,7 +38,7 @@ def build(uri: str, experiment: str, runs: int, points: int, writer: str, seed: 
     steps = 100 * points
     log_points = max(2, (points - 5) // METRICS_PER_STEP)
     # early log-spaced steps round to the same integer: add steps until the distinct ones reach the target
-    while len(_log_steps(steps, log_points)) * METRICS_PER_STEP + 5 < points:
+    while len(log_steps(steps, log_points)) * METRICS_PER_STEP + 5 < points:
         log_points += 1
     sweep = [SyntheticRun(depth=2 + i % 15, steps=steps, global_batch=256) for i in range(runs)]
     study = SyntheticStudy(runs=sweep, log_points=log_points, seed=seed)

@@ -10,6 +10,10 @@ architecture) are freshly initialised, and ``--weights random`` builds a randoml
 torch-fidelity's exact architecture (same cost per image as the real one) where the FID weights are not installed.
 The reference images are random too, and their feature extraction is timed separately.
 
+A randomly initialised Inception gives degenerate (near-constant) features, so the metric step is then faster than
+with real weights. The real weights (95 MB) exceed what can be carried to some machines: ``--write-half-weights FILE``
+writes an fp16 copy (48 MB) of the installed weights, which ``--weights FILE`` loads (into fp32) for realistic timings.
+
 Usage:
     python benchmarks/eval_fid.py                                   # GPU: d16, 50,000 images, release tokenizer
     python benchmarks/eval_fid.py --num-samples 2000 --batch-size 64 256   # throughput per sampling batch size
@@ -99,6 +103,7 @@ def main() -> int:
     parser.add_argument("--metrics", default="fid,kid,prc,is")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--weights", default="random", help="'random' (timing only) or a weights file")
+    parser.add_argument("--write-half-weights", type=Path, help="write an fp16 copy of the installed weights; exit")
     parser.add_argument("--tiny", action="store_true", help="a tiny tokenizer (8x8 latent, 32px) for CPU checks")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -106,12 +111,22 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.write_half_weights:
+        from var_lab.metrics.fid_weights import resolve_weights_path
+
+        state = torch.load(resolve_weights_path(), map_location="cpu", weights_only=True)
+        half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        torch.save(half, args.write_half_weights)
+        print(f"wrote {args.write_half_weights} (fp16 copy of {resolve_weights_path()}; timing use only)")
+        return 0
     device = torch.device(args.device)
     metrics = tuple(m for m in args.metrics.split(",") if m)
 
     workdir = Path(tempfile.mkdtemp(prefix="eval_fid_"))
     t0 = time.perf_counter()
     weights = random_inception_weights(workdir / "inception.pth") if args.weights == "random" else args.weights
+    if args.weights == "random":
+        print("note: random Inception weights give degenerate features; the metric step is faster than with real ones")
     extractor = InceptionFeatures(
         weights, device=device, batch_size=args.feature_batch_size, with_logits="is" in metrics
     )
