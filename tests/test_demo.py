@@ -1,0 +1,54 @@
+"""The demo sweep end to end with its sizes cut down: tokenizer -> tokens -> VAR at two depths -> FID -> analysis."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_demo_sweep_small(tmp_path, fashion_mnist_dir, fid_weights_path):
+    out = tmp_path / "demo"
+    cmd = [
+        sys.executable, "-m", "var_lab.cli", "sweep", "launch", str(REPO / "sweeps" / "demo_cpu.yaml"),
+        "--output-root", str(out),
+        "--patch", "axes.depth=[1,2]",
+        "--patch", "tokenizer.train.trainer.max_steps=8",
+        "--patch", "tokenizer.train.data.limit_train=512",
+        "--patch", "tokenizer.train.data.limit_val=64",
+        "--patch", "base.data.limit_train=512",
+        "--patch", "base.data.limit_val=64",
+        "--patch", "overrides={}",
+        "--patch", "eval.num_samples=20",
+        "--set", "trainer.max_steps=12",
+        "--set", "trainer.limit_val_batches=1",
+        "--set", "trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    report_dir = out / "demo_cpu" / "report"
+    report = (report_dir / "report.md").read_text()
+    assert "loss vs parameters" in report.lower() or "loss_vs_params" in report
+    assert (report_dir / "plots" / "loss_vs_params.png").stat().st_size > 1000
+    fits = pd.read_csv(report_dir / "fits.csv")
+    assert len(fits) > 0
+    exponents = pd.to_numeric(fits.get("b", fits.get("alpha")), errors="coerce").dropna()
+    assert len(exponents) > 0 and all(math.isfinite(v) for v in exponents)
+    runs = pd.read_csv(report_dir / "runs.csv")
+    var_runs = runs[runs["kind"] == "var"] if "kind" in runs else runs
+    assert len(var_runs) == 2
+    loss_col = next(c for c in runs.columns if "val/L_mean" in c)
+    assert var_runs[loss_col].map(math.isfinite).all()
+    fid_col = next(c for c in runs.columns if "eval/fid" in c)
+    assert var_runs[fid_col].map(lambda v: math.isfinite(float(v))).all()
+    # running it again reuses the finished runs
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0
+    assert "skip" in (again.stdout + again.stderr).lower() or "finished" in (again.stdout + again.stderr).lower()
