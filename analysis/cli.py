@@ -1,0 +1,145 @@
+"""``var-lab analyze``: load MLflow experiments, fit scaling laws, write plots, CSVs and a markdown report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="var-lab analyze",
+        description=(
+            "Fit power laws to a scaling study tracked in MLflow and write plots (PNG + SVG), CSVs and report.md. "
+            "Small studies degrade gracefully: a fit without enough runs is skipped with a note in the report."
+        ),
+    )
+    parser.add_argument("--experiment", action="append", required=True, metavar="NAME",
+                        help="MLflow experiment name or id (repeat for several)")  # fmt: skip
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI), e.g. sqlite:///runs/mlflow.db",
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output folder for report.md, CSVs and plots/")
+    parser.add_argument(
+        "--irreducible",
+        type=float,
+        default=None,
+        metavar="E",
+        help="subtract this irreducible loss before the power-law fits (reducible loss)",
+    )
+    parser.add_argument(
+        "--paper-reference", action="store_true", help="add the VAR paper's reported FIDs and laws as reference columns"
+    )
+    parser.add_argument(
+        "--loss-metric",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="loss metric to fit (repeatable; default val/L_mean and val/L_tail)",
+    )
+    parser.add_argument(
+        "--error-metric",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="accuracy metric whose 1 - acc is fitted (default val/acc_* else train/acc_*)",
+    )
+    parser.add_argument("--fid-metric", default="eval/fid")
+    parser.add_argument(
+        "--params-column",
+        default="params_total",
+        choices=["params_total", "params_blocks"],
+        help="parameter count used as N",
+    )
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates of the one-variable fits")
+    parser.add_argument(
+        "--chinchilla-bootstrap", type=int, default=100, help="bootstrap replicates of the two-variable fit L(N, D)"
+    )
+    parser.add_argument(
+        "--chinchilla-points",
+        default="auto",
+        choices=["auto", "final", "history", "off"],
+        help="points of the two-variable fit: final value per run, points along histories, or auto",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "sqlite", "client"],
+        help="how to read the store (auto: direct sqlite read when possible)",
+    )
+    parser.add_argument(
+        "--log-to-mlflow",
+        action="store_true",
+        help="also log the report folder as artifacts of a new run (tag var_lab.kind=analysis)",
+    )
+    return parser  # fmt: skip
+
+
+def analyze_main(argv: list[str]) -> int:
+    """Entry point of ``var-lab analyze``; returns 0 on success, 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    from analysis.report import AnalysisOptions, analyze
+    from analysis.runs import load_study
+
+    if args.bootstrap < 0 or args.chinchilla_bootstrap < 0:
+        print("var-lab analyze: --bootstrap and --chinchilla-bootstrap must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        study = load_study(args.experiment, args.tracking_uri, backend=args.backend, progress=sys.stderr.isatty())
+    except (ValueError, FileNotFoundError) as error:
+        print(f"var-lab analyze: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"loaded {len(study.runs)} runs, {len(study.history):,} metric points from {', '.join(study.experiments)} "
+        f"in {study.load_seconds:.1f} s ({study.backend} reader)"
+    )
+    options = AnalysisOptions(
+        fid_metric=args.fid_metric,
+        params_column=args.params_column,
+        irreducible=args.irreducible,
+        bootstrap=args.bootstrap,
+        chinchilla_bootstrap=args.chinchilla_bootstrap,
+        chinchilla_points=args.chinchilla_points,
+        seed=args.seed,
+        paper_reference=args.paper_reference,
+    )
+    if args.loss_metric:
+        options.loss_metrics = tuple(args.loss_metric)
+    if args.error_metric:
+        options.error_metrics = tuple(args.error_metric)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        result = analyze(study, args.out, options)
+    for _, row in result.fits.iterrows():
+        print(f"  {row['target']} vs {row['x']} ({row['form']}): {row['law']}")
+    print(f"report: {result.report}")
+    print(f"plots:  {args.out / 'plots'} ({len(result.figures)} files)")
+    if args.log_to_mlflow:
+        run_id = log_report(study, args.out)
+        print(f"logged the report folder to MLflow run {run_id}")
+    return 0
+
+
+def log_report(study, out_dir: Path) -> str:
+    """Log a report folder as the artifacts of a new run in the first analysed experiment; returns its run id."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=study.tracking_uri)
+    experiment = client.get_experiment_by_name(study.experiments[0])
+    run = client.create_run(
+        experiment.experiment_id,
+        tags={"var_lab.kind": "analysis", "var_lab.sweep": study.experiments[0]},
+        run_name="analysis",
+    )
+    client.log_artifacts(run.info.run_id, str(out_dir), artifact_path="analysis")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
