@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
-from var_lab.config import FitConfig, FitTokenizerConfig, TrainerConfig, to_dict
+from var_lab.config import FitConfig, FitTokenizerConfig, TrainerConfig, from_dict, to_dict
 
 
 # ---------------------------------------------------------------------------------------------------------------- CLI
@@ -35,8 +35,46 @@ def build_parser(cls: type, prog: str, description: str):
     return parser
 
 
+def check_config_file(cls: type, path: str) -> None:
+    """Refuse a ``--config`` file that is missing, not valid YAML, or holds keys the config does not have.
+
+    jsonargparse would report these too, but without the file, the line or the key path.
+
+    Raises:
+        ValueError: naming the file and the line (malformed YAML) or the key path and the allowed keys.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        context = getattr(err, "context", None)
+        raise ValueError(f"{path}: malformed YAML{where}: {problem}" + (f" ({context})" if context else "")) from err
+    if data is None:
+        return
+    if isinstance(data, dict):
+        # A section may be given as the path of another YAML file (jsonargparse reads it); only mappings are checked.
+        defaults = cls()
+        sections = {f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(getattr(defaults, f.name))}
+        data = {key: value for key, value in data.items() if not (key in sections and isinstance(value, str))}
+    from_dict(cls, data, str(path))
+
+
 def parse_config(cls: type, argv: list[str], prog: str, description: str):
-    """Parse argv into a config dataclass instance."""
+    """Parse argv into a config dataclass instance (exits with 2 and a message naming the file/key on bad input)."""
+    for index, arg in enumerate(argv):
+        path = argv[index + 1] if arg == "--config" and index + 1 < len(argv) else None
+        path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
+        if path is not None:
+            try:
+                check_config_file(cls, path)
+            except ValueError as err:
+                print(f"{prog}: error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
     parser = build_parser(cls, prog, description)
     ns = parser.instantiate_classes(parser.parse_args(argv))
     return cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)})
@@ -68,10 +106,14 @@ def checkpoint_is_readable(path: Path) -> bool:
 
 
 def find_resume_checkpoint(ckpt_dir: Path) -> Optional[Path]:
-    """The newest readable checkpoint in ``ckpt_dir`` (``last.ckpt`` first); corrupt ones are skipped with a warning."""
+    """The newest readable checkpoint in ``ckpt_dir``; corrupt ones are skipped with a warning.
+
+    Newest by modification time (``last.ckpt`` first among equals): a ``last.ckpt`` that could not be replaced (full
+    disk) is older than the step checkpoint written just before it.
+    """
     if not ckpt_dir.is_dir():
         return None
-    candidates = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
+    candidates = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (-p.stat().st_mtime_ns, p.name != "last.ckpt"))
     for path in candidates:
         if checkpoint_is_readable(path):
             return path
@@ -80,12 +122,28 @@ def find_resume_checkpoint(ckpt_dir: Path) -> Optional[Path]:
 
 
 def resolve_resume(resume: str, output_dir: Path) -> Optional[str]:
+    """The checkpoint to resume from (``resume``: auto, never or a path), or None to start from scratch.
+
+    Raises:
+        FileNotFoundError: an explicit path that does not exist.
+        ValueError: an explicit path, or with ``auto`` every checkpoint of the run, is truncated or corrupt.
+    """
+    ckpt_dir = output_dir / "checkpoints"
+    if global_rank() == 0:
+        from var_lab.resilience import remove_stale_temporaries
+
+        remove_stale_temporaries(ckpt_dir)  # half-written files of a killed save
     if resume == "never":
         if global_rank() == 0:
             (output_dir / "mlflow_run_id").unlink(missing_ok=True)  # a fresh run opens a fresh MLflow run
         return None
     if resume == "auto":
-        found = find_resume_checkpoint(output_dir / "checkpoints")
+        found = find_resume_checkpoint(ckpt_dir)
+        if found is None and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
+            raise ValueError(
+                f"every checkpoint in {ckpt_dir} is truncated or corrupt, so this run cannot resume; pass "
+                "--resume never to start it again from scratch (a new MLflow run), or --resume PATH"
+            )
         return str(found) if found else None
     path = Path(resume)
     if not path.is_file():
@@ -111,13 +169,24 @@ def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from var_lab.resilience import AtomicCheckpointIO
+
     ckpt_dir = output_dir / "checkpoints"
+    step_checkpoints = bool(trainer_cfg.checkpoint_every_n_steps)
+    # One callback owns last.ckpt (the step one when there is one: it also writes it at every epoch end); two
+    # owners would version it (last-v1.ckpt). Names are overwritten, never versioned: a resumed run that redoes a
+    # step rewrites its checkpoint (atomically, see AtomicCheckpointIO).
     checkpointing = [
         ModelCheckpoint(
-            dirpath=ckpt_dir, filename="epoch{epoch:03d}", save_last=True, save_top_k=-1, auto_insert_metric_name=False
+            dirpath=ckpt_dir,
+            filename="epoch{epoch:03d}",
+            save_last=not step_checkpoints,
+            save_top_k=-1,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
         )
     ]
-    if trainer_cfg.checkpoint_every_n_steps:
+    if step_checkpoints:
         checkpointing.append(
             ModelCheckpoint(
                 dirpath=ckpt_dir,
@@ -128,6 +197,7 @@ def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks
                 mode="max",
                 save_last=True,
                 auto_insert_metric_name=False,
+                enable_version_counter=False,
             )
         )
     kwargs: dict[str, Any] = dict(
@@ -148,6 +218,8 @@ def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks
         default_root_dir=str(output_dir),
         enable_model_summary=global_rank() == 0,
     )
+    if not any(name in str(trainer_cfg.strategy) for name in ("fsdp", "deepspeed")):  # these write their own shards
+        kwargs["plugins"] = [AtomicCheckpointIO()]
     if trainer_cfg.val_check_interval is not None:
         kwargs["val_check_interval"] = trainer_cfg.val_check_interval
     if trainer_cfg.limit_val_batches is not None:
@@ -165,6 +237,103 @@ def make_logger(tracking_cfg, output_dir: Path, tags: dict[str, str]):
     from var_lab.tracking import make_mlflow_logger
 
     return make_mlflow_logger(tracking_cfg, output_dir, tags=tags)
+
+
+#: config keys a checkpoint's weights depend on: resuming with another value cannot load it
+FIT_ARCHITECTURE_KEYS = {
+    "model": ("depth", "num_classes", "mlp_ratio", "shared_aln", "attn_l2_norm"),
+    "tokenizer": (
+        "vocab_size", "z_channels", "ch", "ch_mult", "num_res_blocks", "quant_resi", "share_quant_resi",
+        "patch_nums", "using_sa", "using_mid_sa",
+    ),
+}  # fmt: skip
+FIT_TOKENIZER_ARCHITECTURE_KEYS = {"tokenizer": FIT_ARCHITECTURE_KEYS["tokenizer"]}
+
+
+def check_patch_schedule(tokenizer_cfg, data_cfg) -> None:
+    """Refuse a scale schedule the tokenizer cannot produce for the data.
+
+    Raises:
+        ValueError: ``tokenizer.patch_nums`` not strictly increasing positive integers (at least two), or (for image
+            data) its last side differs from the latent side ``data.resolution / 2 ** (len(ch_mult) - 1)``.
+    """
+    patch_nums = list(tokenizer_cfg.patch_nums)
+    valid = all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in patch_nums)
+    if len(patch_nums) < 2 or not valid or any(b <= a for a, b in zip(patch_nums, patch_nums[1:])):
+        raise ValueError(
+            f"tokenizer.patch_nums={patch_nums} is invalid: it must list at least two strictly increasing positive "
+            "scale sides, smallest first, the last one equal to the latent side (e.g. [1, 2, 3, 4, 6, 8] for 32px "
+            "images with ch_mult [1, 2, 2])"
+        )
+    if data_cfg.name == "tokens":
+        return  # the token cache records its patch_nums; TokenDataModule checks them against the tokenizer
+    down = 2 ** (len(tokenizer_cfg.ch_mult) - 1)
+    resolution = data_cfg.resolution
+    if resolution % down or resolution // down != patch_nums[-1]:
+        raise ValueError(
+            f"tokenizer.patch_nums ends at {patch_nums[-1]}, but {resolution}px images (data.resolution) give a "
+            f"{resolution / down:g} x {resolution / down:g} latent with tokenizer.ch_mult "
+            f"{list(tokenizer_cfg.ch_mult)} (downsampling {down}): the last scale must equal the latent side. Use "
+            f"patch_nums ending at "
+            f"{resolution // down} or data.resolution {patch_nums[-1] * down}."
+        )
+
+
+def check_fit_config(cfg: FitConfig) -> None:
+    """Refuse an invalid depth or scale schedule before anything is loaded (the message names the key)."""
+    depth = cfg.model.depth
+    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
+        raise ValueError(
+            f"model.depth={depth!r} is invalid: the depth must be an integer >= 1 (width = 64 * depth, heads = depth)"
+        )
+    check_patch_schedule(cfg.tokenizer, cfg.data)
+
+
+def check_resume_compatible(ckpt_path: str, cfg: Any, keys: dict[str, tuple[str, ...]]) -> None:
+    """Refuse to resume from a checkpoint of another architecture (e.g. another depth) with a message naming both.
+
+    Args:
+        ckpt_path: the checkpoint about to be resumed.
+        cfg: this run's config (``model.num_classes`` resolved).
+        keys: section -> keys the weights depend on (``FIT_ARCHITECTURE_KEYS``).
+
+    Raises:
+        ValueError: naming each differing key with the checkpoint's and this run's value.
+    """
+    import torch
+
+    try:  # memory-mapped: only the small pickled part is read, not the weights
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]["config"]
+    except Exception:  # noqa: BLE001 - not ours or unreadable: Lightning's own load reports it
+        return
+    current = to_dict(cfg)
+    differences = []
+    for section, names in keys.items():
+        for name in names:
+            old, new = (saved.get(section) or {}).get(name), current[section][name]
+            if old is not None and old != new:
+                differences.append(f"{section}.{name}={old!r} in the checkpoint but {new!r} in this run")
+    if differences:
+        raise ValueError(
+            f"cannot resume from {ckpt_path}: it holds another architecture ({'; '.join(differences)}). Resume with "
+            f"the checkpoint's settings, or train this one into another output_dir (or pass --resume never)."
+        )
+
+
+def _fit_until_done_or_preempted(trainer, module, datamodule, ckpt_path, preemption, logger, ckpt_dir: Path) -> None:
+    """``trainer.fit`` with SIGTERM / SIGUSR1 handled (``PreemptionCallback``); a stop on one raises PreemptedError."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    with preemption.installed():
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:
+            error = preemption.error(find_resume_checkpoint(ckpt_dir))
+            if error is None:  # SIGTERM under SLURM: Lightning's own handling
+                raise
+            if trainer.global_rank == 0 and logger is not None:
+                logger.finalize("killed")  # Lightning marked the run failed; it was preempted
+            raise error from None
 
 
 def _final_metrics(trainer) -> dict[str, float]:
@@ -192,8 +361,13 @@ def _run(cfg, output_dir: Path, kind: str, body) -> int:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(output_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (output_dir / "FAILED").unlink(missing_ok=True)
+    from var_lab.resilience import PreemptedError
+
     try:
         summary = body()
+    except PreemptedError as exc:  # a checkpoint was written: resumable, so neither DONE nor FAILED
+        print(f"var-lab {kind}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except BaseException as exc:
         if rank == 0:
             text = f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}"
@@ -216,8 +390,10 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     from var_lab.data import build_datamodule
     from var_lab.modules.tokenizer import build_vqvae, load_tokenizer
     from var_lab.modules.var import VARModule
+    from var_lab.resilience import PreemptionCallback
 
     output_dir = Path(cfg.output_dir).resolve()
+    check_fit_config(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -229,6 +405,10 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_classes=datamodule.num_classes))
     elif cfg.model.num_classes < datamodule.num_classes:
         raise ValueError(f"model.num_classes={cfg.model.num_classes} but the dataset has {datamodule.num_classes}")
+    # Before the logger: resume=never forgets the MLflow run id that the logger would otherwise continue.
+    ckpt_path = resolve_resume(cfg.resume, output_dir)
+    if ckpt_path:
+        check_resume_compatible(ckpt_path, cfg, FIT_ARCHITECTURE_KEYS)
     module = VARModule(cfg, vqvae=vqvae)
     tags = {"var_lab.kind": "var", "var_lab.depth": str(cfg.model.depth)}
     if cfg.tracking.sweep:
@@ -243,11 +423,11 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
         from var_lab.callbacks.fid import FIDCallback
 
         callbacks.append(FIDCallback.from_config(cfg.eval, cfg.data))
-    trainer = make_trainer(cfg.trainer, output_dir, logger, callbacks)
-    ckpt_path = resolve_resume(cfg.resume, output_dir)
+    preemption = PreemptionCallback(output_dir / "checkpoints")
+    trainer = make_trainer(cfg.trainer, output_dir, logger, [*callbacks, preemption])
     if ckpt_path and trainer.global_rank == 0:
         print(f"var-lab fit: resuming from {ckpt_path}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    _fit_until_done_or_preempted(trainer, module, datamodule, ckpt_path, preemption, logger, output_dir / "checkpoints")
     if os.environ.get("VAR_LAB_WRITE_RANK_HASH") == "1":
         _write_rank_hash(module.var, output_dir, trainer.global_rank)
     if trainer.interrupted:
@@ -260,6 +440,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
         "mlflow_run_id": getattr(logger, "run_id", None) if trainer.global_rank == 0 else None,
         "images_per_s": _final_metrics(trainer).get("perf/images_per_s"),
         "last_checkpoint": str(output_dir / "checkpoints" / "last.ckpt"),
+        "skipped_images": int(getattr(datamodule, "num_skipped", 0)),  # unreadable files stepped over
     }
     if trainer.global_rank == 0 and logger is not None:
         logger.finalize("success")
@@ -279,17 +460,17 @@ def fit_tokenizer(cfg: FitTokenizerConfig) -> dict[str, Any]:
 
     from var_lab.data import build_datamodule
     from var_lab.modules.tokenizer import TokenizerModule
+    from var_lab.resilience import PreemptionCallback
 
     output_dir = Path(cfg.output_dir).resolve()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    expected = cfg.tokenizer.patch_nums[-1] * 2 ** (len(cfg.tokenizer.ch_mult) - 1)
-    if expected != cfg.data.resolution:
-        raise ValueError(
-            f"tokenizer.patch_nums ends at {cfg.tokenizer.patch_nums[-1]} with downsampling "
-            f"{2 ** (len(cfg.tokenizer.ch_mult) - 1)} (ch_mult {tuple(cfg.tokenizer.ch_mult)}), which needs "
-            f"{expected}px images, but data.resolution is {cfg.data.resolution}"
-        )
+    if cfg.data.name == "tokens":
+        raise ValueError("fit-tokenizer trains on images: data.name must be fashion_mnist or folder, not tokens")
+    check_patch_schedule(cfg.tokenizer, cfg.data)
     datamodule = build_datamodule(cfg.data)
+    ckpt_path = resolve_resume(cfg.resume, output_dir)  # before the logger (see fit)
+    if ckpt_path:
+        check_resume_compatible(ckpt_path, cfg, FIT_TOKENIZER_ARCHITECTURE_KEYS)
     module = TokenizerModule(cfg)
     tags = {"var_lab.kind": "tokenizer"}
     if cfg.tracking.sweep:
@@ -299,9 +480,9 @@ def fit_tokenizer(cfg: FitTokenizerConfig) -> dict[str, Any]:
     if cfg.tracking.run_name is None:
         cfg.tracking.run_name = f"tokenizer-v{cfg.tokenizer.vocab_size}"
     logger = make_logger(cfg.tracking, output_dir, tags)
-    trainer = make_trainer(cfg.trainer, output_dir, logger, [])
-    ckpt_path = resolve_resume(cfg.resume, output_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    preemption = PreemptionCallback(output_dir / "checkpoints")
+    trainer = make_trainer(cfg.trainer, output_dir, logger, [preemption])
+    _fit_until_done_or_preempted(trainer, module, datamodule, ckpt_path, preemption, logger, output_dir / "checkpoints")
     if trainer.interrupted:
         raise RuntimeError("training was interrupted before the end (a checkpoint was kept for resuming)")
     summary = {

@@ -8,22 +8,27 @@ costs minutes), so a bad file is found when it is first loaded: the item then re
 file's index is flagged in a shared-memory array (visible to the DataLoader workers and the main process, so each bad
 file is counted once and never opened again), and the first one warns with its path. ``num_skipped`` reads the count;
 ``ImageDataModule`` reports the total when it tears down.
+
+Training loaders are ``ResumableDataLoader``: an epoch's order depends only on the global seed and the epoch
+(``EpochRandomSampler``), and Lightning checkpoints the position inside the epoch, so a run resumed in the middle of an
+epoch skips the batches it already trained on and sees the rest in the same order.
 """
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import multiprocessing.context
 import os
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
 
 from var_lab.config import DataConfig
 from var_lab.data.transforms import ReleaseImageTransform
@@ -329,16 +334,7 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.val_dataset, shuffle=False, drop_last=False)
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
-        workers = self.config.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.config.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-        )
+        return make_loader(dataset, self.config, shuffle=shuffle, drop_last=drop_last)
 
     @property
     def num_skipped(self) -> int:
@@ -361,3 +357,141 @@ def limit_dataset(dataset: Dataset, limit: Optional[int]) -> Dataset:
     """The dataset itself, or a ``Subset`` of ``limit`` items chosen by ``fixed_subset``."""
     indices = fixed_subset(len(dataset), limit)
     return dataset if indices is None else Subset(dataset, indices)
+
+
+class EpochRandomSampler(RandomSampler):
+    """Shuffles each epoch with a permutation that depends only on ``seed + epoch``, as ``DistributedSampler`` does.
+
+    Lightning calls ``set_epoch`` at the start of every epoch; iterated again without it (outside Lightning), the
+    sampler moves on to the next epoch by itself. The order never depends on the global RNG or on how often an
+    iterator was created, so a resumed run can replay it.
+
+    Args:
+        data_source: the dataset.
+        seed: base seed of the permutations.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int):
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed = int(seed)
+        self.epoch = 0
+        self._epoch_given = True
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        self._epoch_given = True
+
+    def __iter__(self):
+        if not self._epoch_given:
+            self.epoch += 1
+        self._epoch_given = False
+        self.generator.manual_seed(self.seed + self.epoch)
+        yield from super().__iter__()
+
+
+class _SkipFirstBatches:
+    """The index sampler of a ``ResumableDataLoader``: skips the batches a resumed epoch already trained on.
+
+    Its length stays the full epoch's (Lightning counts the skipped batches as already fetched). The number to skip
+    is taken from the loader when an iteration starts, so the persistent-worker iterator, which keeps this object,
+    works too.
+    """
+
+    def __init__(self, loader: ResumableDataLoader, sampler: Any):
+        self.loader = loader
+        self.sampler = sampler
+
+    def __iter__(self):
+        # Read when the iteration starts, not when it is created: the worker iterator creates one it never uses.
+        loader = self.loader
+        skip, loader._skip_next = loader._skip_next, 0
+        if getattr(loader.sampler, "epoch", None) != loader._skip_epoch:
+            skip = 0  # Lightning began another epoch (a checkpoint written when max_steps ended one early)
+        loader._batches_done = skip
+        yield from itertools.islice(self.sampler, skip, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose position inside an epoch Lightning checkpoints and restores (``state_dict``).
+
+    ``state_dict`` holds the sampler's epoch and the number of batches handed out in it; after ``load_state_dict``
+    the next iteration replays that epoch's order (``EpochRandomSampler``, or Lightning's ``DistributedSampler``
+    under DDP: both are functions of seed and epoch) and skips those batches without loading them. Lightning 2.x
+    saves this state with every checkpoint of the fit loop and restores it before creating the epoch's iterator.
+
+    With ``num_workers > 0`` the order is exact, but a random augmentation inside the workers restarts from the
+    epoch's worker seeds, so augmented pixels can differ after a mid-epoch resume.
+    """
+
+    _skip_next = 0
+    _skip_epoch: Optional[int] = None
+    _batches_done = 0
+
+    @property
+    def _index_sampler(self) -> Any:
+        return _SkipFirstBatches(self, super()._index_sampler)
+
+    def __iter__(self):
+        return _CountingIterator(super().__iter__(), self)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``epoch`` of the sampler and ``batches_done`` in it (0 once the epoch is over)."""
+        done = self._batches_done if self._batches_done < len(self) else 0
+        return {"epoch": getattr(self.sampler, "epoch", None), "batches_done": done}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        if state_dict.get("epoch") is not None and callable(set_epoch):
+            set_epoch(int(state_dict["epoch"]))
+        self._skip_epoch = getattr(self.sampler, "epoch", None)
+        self._skip_next = int(state_dict.get("batches_done", 0))
+
+
+class _CountingIterator:
+    """Counts the batches a ``ResumableDataLoader`` hands out."""
+
+    def __init__(self, iterator: Any, loader: ResumableDataLoader):
+        self.iterator = iterator
+        self.loader = loader
+
+    def __iter__(self) -> _CountingIterator:
+        return self
+
+    def __next__(self) -> Any:
+        batch = next(self.iterator)
+        self.loader._batches_done += 1
+        return batch
+
+    def __len__(self) -> int:
+        return len(self.iterator)
+
+
+def make_loader(dataset: Dataset, config: DataConfig, shuffle: bool, drop_last: bool) -> DataLoader:
+    """The DataLoader of a DataModule: a ``ResumableDataLoader`` with an ``EpochRandomSampler`` for training.
+
+    No iteration draws from the global RNG (the model's): the training order comes from the global seed
+    (``torch.initial_seed()``, which ``seed_everything`` sets) and the epoch, and both loaders get their own generator
+    for the worker seeds, so validation, which a resumed run may run at other points, leaves the global RNG alone.
+
+    Args:
+        dataset: the split.
+        config: ``batch_size`` and ``num_workers`` are read.
+        shuffle: the training loader (shuffled, resumable) or a validation loader (in order).
+        drop_last: drop a last partial batch.
+    """
+    workers = config.num_workers
+    seed = torch.initial_seed()
+    kwargs: dict[str, Any] = dict(
+        batch_size=config.batch_size,
+        drop_last=drop_last,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed if shuffle else 0),
+    )
+    if shuffle:
+        return ResumableDataLoader(dataset, sampler=EpochRandomSampler(dataset, seed), **kwargs)
+    return DataLoader(dataset, shuffle=False, **kwargs)

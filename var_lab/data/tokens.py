@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from var_lab.config import DataConfig
-from var_lab.data.folders import limit_dataset
+from var_lab.data.folders import limit_dataset, make_loader
 
 MANIFEST_NAME = "manifest.json"
 CACHE_FORMAT = "var-lab-token-cache"
@@ -350,13 +350,4 @@ class TokenDataModule(L.LightningDataModule):
         return self._loader(self.val_dataset, shuffle=False, drop_last=False)
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
-        workers = self.config.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=self.config.batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-        )
+        return make_loader(dataset, self.config, shuffle=shuffle, drop_last=drop_last)  # resumable mid-epoch

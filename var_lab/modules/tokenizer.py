@@ -19,6 +19,7 @@ from torch import nn
 
 from var_lab.config import FitTokenizerConfig, TokenizerModelConfig, from_dict, to_dict
 from var_lab.models.vqvae import VQVAE
+from var_lab.resilience import restore_rng_states, rng_states
 
 
 def build_vqvae(cfg: TokenizerModelConfig) -> VQVAE:
@@ -266,4 +267,14 @@ class TokenizerModule(L.LightningModule):
             run_id = getattr(self.logger, "run_id", None) if self.logger is not None else None
         except Exception:  # noqa: BLE001
             pass
-        checkpoint["var_lab"] = {"kind": "tokenizer", "mlflow_run_id": run_id}
+        checkpoint["var_lab"] = {"kind": "tokenizer", "mlflow_run_id": run_id, "rng_states": rng_states()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resume_rng = checkpoint.get("var_lab", {}).get("rng_states")
+
+    def on_train_start(self) -> None:
+        # The random generators continue where the checkpoint left them (var_lab.resilience), before the first batch
+        # after a resume (on_train_epoch_start is skipped when a run resumes mid-epoch).
+        if getattr(self, "_resume_rng", None) is not None:
+            restore_rng_states(self._resume_rng)
+            self._resume_rng = None

@@ -8,6 +8,7 @@ Logged (names from the MLflow contract): ``train/loss``, ``train/L_mean``, ``tra
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -22,6 +23,7 @@ from var_lab.models.var import VAR, loss_per_token
 from var_lab.models.vqvae import VQVAE
 from var_lab.modules.schedules import NO_WEIGHT_DECAY, release_lr_ratio, release_weight_decay
 from var_lab.modules.tokenizer import build_vqvae, load_tokenizer
+from var_lab.resilience import FAULT_NAN_AT_STEP_ENV, restore_rng_states, rng_states
 
 
 class VARModule(L.LightningModule):
@@ -68,6 +70,14 @@ class VARModule(L.LightningModule):
         self._tail_begin = self.var.begin_ends[-1][0]
         self._step_start_time: Optional[float] = None
         self._compiled = False
+        # Preemption safety (var_lab.resilience): what this training step logged, the accounting metrics of the step,
+        # and what a resumed run restores before its first batch.
+        self._step_metrics: Optional[dict[str, Any]] = None
+        self._accounting: Optional[dict[str, float]] = None
+        self._resume_rng: Optional[dict[str, Any]] = None
+        self._resume_step_metrics: Optional[dict[str, Any]] = None
+        fault = os.environ.get(FAULT_NAN_AT_STEP_ENV, "")
+        self._fault_nan_at_step = int(fault) if fault.strip() else None  # test hook, see training_step
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -133,6 +143,15 @@ class VARModule(L.LightningModule):
         if self.logger is not None and self.global_rank == 0:
             self.logger.log_hyperparams(self.mlflow_params())
 
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """``LightningModule.log``, also remembering what a training step logs (see ``on_save_checkpoint``)."""
+        super().log(name, value, *args, **kwargs)
+        if self._step_metrics is not None and self._trainer is not None and self.trainer.training:
+            # As Lightning stores it (a number becomes a tensor of the default dtype), so a replay logs the same value.
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value, dtype=torch.get_default_dtype())
+            self._step_metrics[name] = value.detach()
+
     def _tokens_and_input(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(images or token ids, labels) -> (target_BL, x_BLCv, labels_B); the tokenizer runs without gradients."""
         data, labels_B = batch
@@ -161,10 +180,11 @@ class VARModule(L.LightningModule):
         target_BL, x_BLCv, labels_B = self._tokens_and_input(batch)
         logits_BLV = self.var(labels_B, x_BLCv)
         loss = loss_per_token(logits_BLV, target_BL, self.cfg.optim.label_smoothing).mean()
+        if self._fault_nan_at_step == self.global_step:
+            loss = loss * float("nan")  # test hook VAR_LAB_FAULT_NAN_AT_STEP: a diverging step, for the tests
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step}; "
-                "the last good checkpoint is kept in the checkpoints folder"
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}; {self._last_good_checkpoint()}"
             )
         metrics = self._metrics(logits_BLV, target_BL)
         B = target_BL.shape[0]
@@ -174,20 +194,36 @@ class VARModule(L.LightningModule):
         return loss
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._step_metrics, self._accounting = {}, None
         self._apply_schedule()
         self._step_start_time = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        steps_done = self.global_step  # already incremented after the optimiser step
-        flops = steps_done * self.global_batch * self.flops_per_image
-        self.log("compute/flops", float(flops), batch_size=1)
-        self.log("compute/pflops", flops / 1e15, batch_size=1)
-        if self._step_start_time is not None:
-            elapsed = time.perf_counter() - self._step_start_time
-            world = self.trainer.world_size
-            images_per_s = self.cfg.data.batch_size * world / max(elapsed, 1e-9)
-            self.log("perf/images_per_s", images_per_s, batch_size=1)
-            self.log("perf/tokens_per_s", images_per_s * self.var.L, batch_size=1)
+        for name, value in self._step_accounting().items():
+            self.log(name, value, batch_size=1)
+
+    def _step_accounting(self) -> dict[str, float]:
+        """Compute and throughput of the step that just ended (computed once: a checkpoint may need it first)."""
+        if self._accounting is None:
+            steps_done = self.global_step  # already incremented after the optimiser step
+            flops = steps_done * self.global_batch * self.flops_per_image
+            self._accounting = {"compute/flops": float(flops), "compute/pflops": flops / 1e15}
+            if self._step_start_time is not None:
+                elapsed = time.perf_counter() - self._step_start_time
+                world = self.trainer.world_size
+                images_per_s = self.cfg.data.batch_size * world / max(elapsed, 1e-9)
+                self._accounting["perf/images_per_s"] = images_per_s
+                self._accounting["perf/tokens_per_s"] = images_per_s * self.var.L
+        return self._accounting
+
+    def _last_good_checkpoint(self) -> str:
+        from var_lab.train import find_resume_checkpoint
+
+        ckpt_dir = Path(self.cfg.output_dir).resolve() / "checkpoints"
+        found = find_resume_checkpoint(ckpt_dir) if self.global_rank == 0 else None
+        if found is None:
+            return f"no checkpoint was written before it (folder {ckpt_dir})"
+        return f"training stopped; the last good checkpoint {found} is kept"
 
     def validation_step(self, batch, batch_idx: int) -> None:
         target_BL, x_BLCv, labels_B = self._tokens_and_input(batch)
@@ -277,6 +313,12 @@ class VARModule(L.LightningModule):
         params = [p for p in self.var.parameters() if p.grad is not None]
         max_norm = clip if clip and clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm)
+        # A non-finite gradient would write NaN weights into the next checkpoint; fp16's grad scaler skips such steps.
+        if str(self.trainer.precision) != "16-mixed" and not torch.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"non-finite gradient norm ({grad_norm.item()}) at step {self.global_step}; "
+                f"{self._last_good_checkpoint()}"
+            )
         self.log("opt/grad_norm", grad_norm, batch_size=1)
 
     # ------------------------------------------------------------------ checkpoint content
@@ -287,7 +329,35 @@ class VARModule(L.LightningModule):
             "tracking_uri": getattr(self.logger, "_tracking_uri", None),
             "flops_per_image": self.flops_per_image,
             "scaling_params": self.scaling_params,
+            "rng_states": rng_states(),
         }
+        if self._step_metrics and self._trainer is not None:
+            # Lightning sends a step's metrics to the logger after the checkpoint callbacks ran: keep them here so
+            # that a run killed in between logs them on resume (Lightning's step label is global_step - 1).
+            accounting = {name: torch.tensor(value) for name, value in self._step_accounting().items()}
+            metrics = {**self._step_metrics, **accounting, "epoch": self.current_epoch}
+            checkpoint["var_lab"]["step_metrics"] = {
+                "step": self.global_step - 1,
+                "metrics": {name: float(value) for name, value in metrics.items()},
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("var_lab", {})
+        self._resume_rng = meta.get("rng_states")
+        self._resume_step_metrics = meta.get("step_metrics")
+
+    def on_train_start(self) -> None:
+        # Restored here, after Lightning's sanity check and before the first batch is fetched (on_train_epoch_start
+        # is skipped when a run resumes mid-epoch); validation and the data loaders never draw from these generators.
+        if self._resume_rng is not None:
+            restore_rng_states(self._resume_rng)
+            self._resume_rng = None
+        pending, self._resume_step_metrics = self._resume_step_metrics, None
+        from var_lab.tracking import ResilientMLFlowLogger
+
+        if pending and self.global_rank == 0 and isinstance(self.logger, ResilientMLFlowLogger):
+            # A no-op when the step was logged before the kill: the logger skips steps its run already has.
+            self.logger.log_metrics(pending["metrics"], step=int(pending["step"]))
 
 
 def _logger_run_id(logger) -> Optional[str]:

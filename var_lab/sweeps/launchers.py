@@ -457,6 +457,13 @@ def hand_preemption_to_lightning() -> None:
     signal.signal(submitit_signal, signal.SIG_DFL if submitit_signal == signal.SIGUSR1 else signal.SIG_IGN)
 
 
+def _mtime(path: Optional[Path]) -> float:
+    try:
+        return path.stat().st_mtime if path is not None else 0.0
+    except FileNotFoundError:
+        return 0.0
+
+
 class SweepJob:
     """The function each task of a SLURM job runs (pickled by submitit; it defines no ``checkpoint()`` on purpose).
 
@@ -480,6 +487,7 @@ class SweepJob:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         argv = list(task.argv) + resume_argument(task)
         started = time.time()
+        hpc_before = _mtime(newest_hpc_checkpoint(task.task_dir))
         if rank == 0:
             record_launch(task.task_dir, launcher="slurm", job_id=env.job_id, pid=os.getpid(), argv=argv, phase="start")
             archive_outcome(task)
@@ -496,6 +504,14 @@ class SweepJob:
 
                 write_atomic(task.failed_file, traceback.format_exc())
         outcome = None
+        requeued = rc != 0 and _mtime(newest_hpc_checkpoint(task.task_dir)) > hpc_before
+        if requeued:
+            # Lightning saved an HPC checkpoint and requeued the job; SLURM's SIGTERM then stopped training
+            outcome = "requeued"
+            if rank == 0:
+                archive_outcome(task)
+                record_launch(task.task_dir, launcher="slurm", job_id=env.job_id, phase="end", rc=rc, outcome=outcome)
+            return {"task": task.name, "rank": rank, "rc": rc, "outcome": outcome, "done": {}}
         if rank == 0:
             outcome = write_outcome(task, rc, None, started, {"job_id": env.job_id})
             # The claim stays: it names this job, and squeue says when the job is over (a requeued job still owns it).
@@ -563,6 +579,11 @@ def make_executor(task: Task, sweep_name: str, cluster: str, dependency: Optiona
 
     folder = task.task_dir / "slurm"
     if cluster == "slurm":
+        if shutil.which("sbatch") is None or shutil.which("srun") is None:
+            raise SweepError(
+                "launcher slurm needs sbatch and srun on this machine (a SLURM login node); use --launcher torchrun "
+                "or local, or --submitit-cluster local to run the same job function through submitit locally"
+            )
         executor = submitit.SlurmExecutor(folder=folder)
         executor.update_parameters(**slurm_parameters(task, sweep_name, dependency))
         return executor
@@ -829,7 +850,7 @@ class Launcher:
             else:
                 gpus = task.resources.gpus_per_node if task.distributed else 0
                 env = f"CUDA_VISIBLE_DEVICES=<{gpus} free GPUs> " if gpus else ""
-                out(env + shell_join(var_lab_command(task.argv)))
+                out(env + shell_join(self._command(task)))
 
     def _torchrun_options(self) -> dict:
         spec = self.sweep.torchrun
@@ -852,8 +873,9 @@ class Launcher:
             for task in before:
                 self._run_one(task, decisions, gpus=None)
             chain_evals = self.launcher == "local"
-            gpus = visible_gpus() if self.launcher == "local" else []
-            parallel = self.launcher == "local" and bool(gpus)
+            wants_gpus = any(t.resources.gpus_per_node > 0 for t in runs if t.distributed)
+            gpus = visible_gpus() if self.launcher == "local" and wants_gpus else []
+            parallel = bool(gpus)  # one run per free GPU set; CPU runs go one after another
             if parallel:
                 self._run_gpu_pool(runs, decisions, gpus)
             else:
@@ -956,6 +978,9 @@ class Launcher:
             endpoint = self.rdzv_endpoint if task.resources.nodes > 1 else None
             endpoint = endpoint or f"127.0.0.1:{free_port()}"
             return torchrun_command(argv_task, node_rank, endpoint, **self._torchrun_options())
+        if task.stage in ("tokenize", "eval") and task.distributed and task.resources.processes_per_node > 1:
+            # Lightning starts its own processes for fits; tokenize and eval need torchrun for several GPUs
+            return torchrun_command(argv_task, 0, f"127.0.0.1:{free_port()}", **self._torchrun_options())
         return var_lab_command(argv_task.argv)
 
     def _execute(self, task: Task, claim: Optional[Claim], gpus: Optional[list], reason: str) -> str:
