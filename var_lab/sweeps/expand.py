@@ -433,6 +433,8 @@ def _cli_value(value: Any) -> str:
     """A value as one command-line token jsonargparse reads back (lists as YAML flow)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if value is None:
+        return "null"
     if isinstance(value, (list, tuple, dict)):
         return yaml.safe_dump(value, default_flow_style=True).strip()
     return str(value)

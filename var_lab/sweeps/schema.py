@@ -411,10 +411,7 @@ def _line_of(lines: dict, key: Optional[str]) -> Optional[int]:
     """Best line for a dotted key path: the deepest prefix found in the file."""
     if not key:
         return None
-    parts: list = []
-    for part in key.split("."):
-        parts.append(int(part) if part.isdigit() else part)
-    best = None
+    parts: list = [int(part) if part.isdigit() else part for part in key.split(".")]
     # Try progressively shorter prefixes; dotted config keys in the file make the split ambiguous, so also try joining.
     for n in range(len(parts), 0, -1):
         prefix = tuple(parts[:n])
@@ -428,7 +425,7 @@ def _line_of(lines: dict, key: Optional[str]) -> Optional[int]:
             joined_num = tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in joined)
             if joined_num in lines:
                 return lines[joined_num]
-    return best
+    return None
 
 
 _TYPE_NAMES = {
