@@ -762,7 +762,9 @@ def _bootstrap_chinchilla(log_N, log_D, log_L, weights, solve: _ChinchillaSolve,
 
 def _chinchilla_values(theta: np.ndarray) -> dict[str, float]:
     a, b, e, alpha, beta = (float(v) for v in theta)
-    values = {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": alpha, "beta": beta}
+    with np.errstate(over="ignore"):
+        # A bootstrap replicate can run off to a huge log-coefficient: report inf rather than crash.
+        values = {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)), "alpha": alpha, "beta": beta}
     total = alpha + beta
     if total > 0:
         values["a_opt"] = beta / total  # N_opt ~ C^a_opt under C = 6 N D

@@ -122,6 +122,10 @@ class _Recorder:
         except F.InsufficientDataError as error:
             self.note(f"{target} vs {x}: skipped ({error})")
             return None
+        except (ArithmeticError, ValueError, np.linalg.LinAlgError) as error:
+            # One fit failing numerically must not cost the rest of the report.
+            self.note(f"{target} vs {x}: fit failed ({type(error).__name__}: {error})")
+            return None
         self.objects[key] = result
         row = {"key": key, "target": target, "x": x, "x_unit": x_unit, "law": result.label(x, target)}
         row.update(result.to_row())
