@@ -106,14 +106,10 @@ def checkpoint_is_readable(path: Path) -> bool:
 
 
 def find_resume_checkpoint(ckpt_dir: Path) -> Optional[Path]:
-    """The newest readable checkpoint in ``ckpt_dir``; corrupt ones are skipped with a warning.
-
-    Newest by modification time (``last.ckpt`` first among equals): a ``last.ckpt`` that could not be replaced (full
-    disk) is older than the step checkpoint written just before it.
-    """
+    """The newest readable checkpoint in ``ckpt_dir`` (``last.ckpt`` first); corrupt ones are skipped with a warning."""
     if not ckpt_dir.is_dir():
         return None
-    candidates = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (-p.stat().st_mtime_ns, p.name != "last.ckpt"))
+    candidates = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
     for path in candidates:
         if checkpoint_is_readable(path):
             return path
@@ -169,7 +165,7 @@ def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from var_lab.resilience import AtomicCheckpointIO
+    from var_lab.resilience import AtomicCheckpointIO, StepCheckpoint
 
     ckpt_dir = output_dir / "checkpoints"
     step_checkpoints = bool(trainer_cfg.checkpoint_every_n_steps)
@@ -188,7 +184,7 @@ def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks
     ]
     if step_checkpoints:
         checkpointing.append(
-            ModelCheckpoint(
+            StepCheckpoint(  # a step followed by a validation is saved when the validation has ended
                 dirpath=ckpt_dir,
                 filename="step{step:08d}",
                 every_n_train_steps=trainer_cfg.checkpoint_every_n_steps,
