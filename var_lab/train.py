@@ -135,6 +135,11 @@ def resolve_resume(resume: str, output_dir: Path) -> Optional[str]:
         return None
     if resume == "auto":
         found = find_resume_checkpoint(ckpt_dir)
+        # Lightning's SLURM requeue writes hpc_ckpt_N.ckpt into the run folder: prefer it when it is newer.
+        hpc = [p for p in output_dir.glob("hpc_ckpt_*.ckpt") if checkpoint_is_readable(p)]
+        newest_hpc = max(hpc, key=lambda p: p.stat().st_mtime, default=None)
+        if newest_hpc is not None and (found is None or newest_hpc.stat().st_mtime > found.stat().st_mtime):
+            found = newest_hpc
         if found is None and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
             raise ValueError(
                 f"every checkpoint in {ckpt_dir} is truncated or corrupt, so this run cannot resume; pass "

@@ -323,13 +323,17 @@ def archive_outcome(task: Task) -> None:
         (task.task_dir / CANCELLED_NAME).unlink()
 
 
+#: exit codes of a run that checkpointed and stopped on SIGTERM (143) or SIGUSR1 (138), or was killed by them
+PREEMPTED_EXIT_CODES = (143, 138, -15, -10)
+
+
 def write_outcome(task: Task, rc: int, log_path: Optional[Path], started: float, extra: Optional[dict] = None) -> str:
     """Write DONE / FAILED after a task's process ended; returns finished | failed | interrupted."""
     if task.writes_done:
         if task.done_file.exists():
             return "finished"
-        if rc == 0:
-            # e.g. Lightning stopped on SIGTERM and exited cleanly: resumable, not failed
+        if rc == 0 or (not task.failed_file.exists() and rc in PREEMPTED_EXIT_CODES):
+            # stopped by SIGTERM/SIGUSR1 after writing last.ckpt (exit 128 + signal, no FAILED): resumable
             return "interrupted"
         if not task.failed_file.exists():
             write_atomic(task.failed_file, _failure_text(task, rc, log_path))
