@@ -43,8 +43,6 @@ TINY_TOKENIZER = dict(
 )  # 8 x 8 images, 21 tokens
 
 
-
-
 def tiny_var(seed: int = 0, num_classes: int = 4):
     """A random depth-1 VAR with its tokenizer; identical in every process for the same seed."""
     from var_lab.models import VAR, VQVAE

@@ -37,8 +37,6 @@ def torchscript_path():
         pytest.skip(str(error))
 
 
-
-
 @pytest.fixture
 def torch_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))

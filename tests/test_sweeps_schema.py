@@ -225,6 +225,15 @@ def test_set_and_patch_options(tmp_path):
         expand(sweep, only=["depth=9"])
 
 
+def test_patch_replaces_a_whole_section(tmp_path):
+    text = MINIMAL + "overrides:\n  depth:\n    2: {trainer.max_steps: 9}\n"
+    path = write(tmp_path, text)
+    assert expand(load_sweep(path)).runs[1].config["trainer"]["max_steps"] == 9
+    plan = expand(load_sweep(path, patches=["overrides={}", "base={data: {batch_size: 4}}"]))
+    assert all(run.config["trainer"].get("max_steps", -1) != 9 for run in plan.runs)
+    assert all(run.config["data"]["batch_size"] == 4 for run in plan.runs)
+
+
 # ------------------------------------------------------------------------------------------------ malformed files
 
 BAD_FILES = {

@@ -133,6 +133,19 @@ def test_var_module_fast_dev_run(tmp_path, fashion_mnist_dir):
     assert "val/L_scale_5" in trainer.callback_metrics
 
 
+def test_step_validation_spans_epochs_and_the_last_step_is_always_validated(tmp_path, fashion_mnist_dir):
+    from var_lab.train import fit
+
+    # 128 images at batch 16: 8 steps per epoch; every 5 steps across epochs; stop at 11 (not a multiple of 5)
+    cfg = tiny_fit_config(tmp_path, val_check_interval=5, max_steps=11, limit_val_batches=1)
+    cfg.tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="test")
+    summary = fit(cfg)
+    assert summary["global_step"] == 11
+    history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(summary["mlflow_run_id"], "val/L_mean")
+    # after steps 5, 10 and 11; Lightning logs at the 0-based index of the step just taken
+    assert sorted({m.step for m in history}) == [4, 9, 10]
+
+
 @pytest.mark.slow
 def test_fit_learns_logs_the_contract_and_resumes_into_the_same_run(tmp_path, fashion_mnist_dir):
     from var_lab.modules.var import load_var_checkpoint

@@ -156,7 +156,8 @@ class TrainerConfig:
     max_steps: int = -1
     """Stop after this many optimiser steps (-1: run all epochs); the schedule still spans max_epochs."""
     val_check_interval: Optional[float] = None
-    """Validate every N training steps (int) or fraction of an epoch (float); None: once per epoch."""
+    """Validate every N optimiser steps (a whole number, counted across epochs) or a fraction (< 1) of an epoch;
+    None: once per epoch. Every run is also validated at its last step."""
     check_val_every_n_epoch: int = 1
     """Validate every N epochs."""
     log_every_n_steps: int = 10

@@ -170,6 +170,7 @@ def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from var_lab.callbacks.final_validation import FinalValidation
     from var_lab.resilience import AtomicCheckpointIO, StepCheckpoint
 
     ckpt_dir = output_dir / "checkpoints"
@@ -215,14 +216,20 @@ def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks
         deterministic=trainer_cfg.deterministic,
         enable_progress_bar=trainer_cfg.enable_progress_bar,
         logger=logger if logger is not None else False,
-        callbacks=checkpointing + callbacks,
+        callbacks=checkpointing + [FinalValidation(), *callbacks],
         default_root_dir=str(output_dir),
         enable_model_summary=global_rank() == 0,
     )
     if not any(name in str(trainer_cfg.strategy) for name in ("fsdp", "deepspeed")):  # these write their own shards
         kwargs["plugins"] = [AtomicCheckpointIO()]
-    if trainer_cfg.val_check_interval is not None:
-        kwargs["val_check_interval"] = trainer_cfg.val_check_interval
+    interval = trainer_cfg.val_check_interval
+    if interval is not None:
+        if isinstance(interval, int) or (float(interval) > 1 and float(interval).is_integer()):
+            # A step count: count optimiser steps across epochs, so an interval longer than one (short) epoch works.
+            kwargs["val_check_interval"] = int(interval)
+            kwargs["check_val_every_n_epoch"] = None
+        else:
+            kwargs["val_check_interval"] = interval
     if trainer_cfg.limit_val_batches is not None:
         kwargs["limit_val_batches"] = trainer_cfg.limit_val_batches
     return L.Trainer(**kwargs)

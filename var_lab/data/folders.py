@@ -263,7 +263,34 @@ def build_image_dataset(
     raise ValueError(f"unknown data.name '{config.name}'; allowed: fashion_mnist, folder, tokens")
 
 
-class ImageDataModule(L.LightningDataModule):
+class SplitDataModule(L.LightningDataModule):
+    """The loaders shared by the image and token data modules; subclasses fill ``train_dataset`` and ``val_dataset``
+    in ``setup`` and hold the data section of the run config as ``config``."""
+
+    config: DataConfig
+    train_dataset: Optional[Dataset]
+    val_dataset: Optional[Dataset]
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            self.setup("fit")
+        batch_size = self.config.batch_size
+        drop_last = len(self.train_dataset) >= batch_size
+        if not drop_last:
+            warnings.warn(
+                f"the training set has {len(self.train_dataset)} samples, fewer than data.batch_size={batch_size}: "
+                "training batches are partial",
+                stacklevel=2,
+            )
+        return make_loader(self.train_dataset, self.config, shuffle=True, drop_last=drop_last)  # resumable mid-epoch
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_dataset is None:
+            self.setup("validate")
+        return make_loader(self.val_dataset, self.config, shuffle=False, drop_last=False)
+
+
+class ImageDataModule(SplitDataModule):
     """Images for the tokenizer (or for VAR with on-the-fly tokenisation): Fashion-MNIST or an image folder.
 
     Batches are ``(img_B3RR float32 in [-1, 1], labels_B int64)``. The train loader shuffles; under DDP Lightning
@@ -314,27 +341,6 @@ class ImageDataModule(L.LightningDataModule):
             class_names = self.class_names if self.config.name == "folder" else None
             self.val_base = build_image_dataset(self.config, "val", train=False, class_names=class_names)
             self.val_dataset = limit_dataset(self.val_base, self.config.limit_val)
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_dataset is None:
-            self.setup("fit")
-        batch_size = self.config.batch_size
-        drop_last = len(self.train_dataset) >= batch_size
-        if not drop_last:
-            warnings.warn(
-                f"the training set has {len(self.train_dataset)} samples, fewer than data.batch_size={batch_size}: "
-                "training batches are partial",
-                stacklevel=2,
-            )
-        return self._loader(self.train_dataset, shuffle=True, drop_last=drop_last)
-
-    def val_dataloader(self) -> DataLoader:
-        if self.val_dataset is None:
-            self.setup("validate")
-        return self._loader(self.val_dataset, shuffle=False, drop_last=False)
-
-    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
-        return make_loader(dataset, self.config, shuffle=shuffle, drop_last=drop_last)
 
     @property
     def num_skipped(self) -> int:

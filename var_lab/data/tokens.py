@@ -28,14 +28,13 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from var_lab.config import DataConfig
-from var_lab.data.folders import limit_dataset, make_loader
+from var_lab.data.folders import SplitDataModule, limit_dataset
 
 MANIFEST_NAME = "manifest.json"
 CACHE_FORMAT = "var-lab-token-cache"
@@ -252,7 +251,7 @@ class TokenShardDataset(Dataset):
         return state
 
 
-class TokenDataModule(L.LightningDataModule):
+class TokenDataModule(SplitDataModule):
     """VAR training data from a token cache: batches ``(idx_BL int64, labels_B int64)``.
 
     The training step turns a batch into the transformer input with
@@ -337,17 +336,3 @@ class TokenDataModule(L.LightningDataModule):
                 )
             dataset = TokenShardDataset(self.token_dir, "val", self.manifests["val"])
             self.val_dataset = limit_dataset(dataset, self.config.limit_val)
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_dataset is None:
-            self.setup("fit")
-        drop_last = len(self.train_dataset) >= self.config.batch_size
-        return self._loader(self.train_dataset, shuffle=True, drop_last=drop_last)
-
-    def val_dataloader(self) -> DataLoader:
-        if self.val_dataset is None:
-            self.setup("validate")
-        return self._loader(self.val_dataset, shuffle=False, drop_last=False)
-
-    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
-        return make_loader(dataset, self.config, shuffle=shuffle, drop_last=drop_last)  # resumable mid-epoch

@@ -717,7 +717,7 @@ def apply_patch(data: Any, patch: str, source: str) -> dict:
     else:
         prefix = len(parts) - 1
     if len(parts) <= prefix:
-        raise SweepError(f"--patch '{patch}': the path is too short", file=source)
+        prefix = len(parts) - 1  # the whole section or a part of it, e.g. overrides={} or base={...}
     node = data
     for part in parts[:prefix]:
         if part not in node and part.lstrip("-").isdigit() and int(part) in node:
