@@ -72,7 +72,7 @@ GRID_B = np.arange(0.0, 25.0 + 1e-9, 5.0)
 CHINCHILLA_GRID = np.array(list(itertools.product(GRID_A, GRID_B, GRID_E, GRID_ALPHA, GRID_BETA)), dtype=np.float64)
 HUBER_DELTA = 1e-3
 
-POWER_LAW_PARAMS = ("a", "b", "r")
+POWER_LAW_PARAMS = ("a", "b", "r", "c")
 SATURATING_PARAMS = ("E", "A", "alpha", "r")
 CHINCHILLA_PARAMS = ("E", "A", "B", "alpha", "beta", "a_opt", "b_opt", "G")
 
@@ -164,7 +164,9 @@ class FitResult(dict):
 
     def label(self, x: str = "x", y: str = "y", digits: int = 3) -> str:
         """Legend text, e.g. ``L = (2.0e-09 N)^-0.230, r = -0.998``."""
-        if self.form == "power_law":
+        if self.form == "power_law" and not 1e-300 < abs(self["a"]) < 1e300 and "c" in self:
+            text = f"{y} = {_fmt(self['c'])} {x}^{self['b']:.{digits}f}"  # the paper's (a x)^b has no float a
+        elif self.form == "power_law":
             text = f"{y} = ({_fmt(self['a'])} {x})^{self['b']:.{digits}f}"
         elif self.form == "saturating":
             text = f"{y} = {self['E']:.{digits}g} + {_fmt(self['A'])} {x}^-{self['alpha']:.{digits}f}"
@@ -194,6 +196,8 @@ def _fmt(value: float) -> str:
 
 def _evaluate(form: str, p, *x) -> np.ndarray:
     if form == "power_law":
+        if "c" in p and np.isfinite(p["c"]):
+            return p["c"] * np.asarray(x[0], dtype=float) ** p["b"]  # exact where a = c^(1/b) over- or underflows
         return power_law(x[0], p["a"], p["b"])
     if form == "saturating":
         return saturating(x[0], p["E"], p["A"], p["alpha"])
@@ -292,7 +296,8 @@ def _power_law_weighted(lx: np.ndarray, ly: np.ndarray, w: np.ndarray) -> np.nda
         w: (R, n) weights (multiplicities).
 
     Returns:
-        (R, 3) rows (a, b, r).
+        (R, 4) rows (a, b, r, c): ``y = (a x)^b = c x^b``. ``a = c^(1/b)`` leaves the floats when b is near 0 (a
+        flat law such as FID at toy scale), so ``c`` is kept too and predictions use it.
     """
     wsum = w.sum(1)
     mx = (w * lx).sum(1) / wsum
@@ -302,12 +307,13 @@ def _power_law_weighted(lx: np.ndarray, ly: np.ndarray, w: np.ndarray) -> np.nda
     sxx = (w * dx * dx).sum(1)
     syy = (w * dy * dy).sum(1)
     sxy = (w * dx * dy).sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore", under="ignore"):
         b = sxy / sxx
         intercept = my - b * mx
         a = np.exp(intercept / b)
         r = sxy / np.sqrt(sxx * syy)
-    return np.stack([a, b, r], axis=1)
+        c = np.exp(intercept)
+    return np.stack([a, b, r, c], axis=1)
 
 
 def fit_power_law(
@@ -325,8 +331,8 @@ def fit_power_law(
         interval: ``"expanded"`` (default: percentile interval widened for few runs) or ``"percentile"``.
 
     Returns:
-        FitResult with ``a``, ``b``, ``r`` (Pearson r of log x, log y) and, when bootstrapping, ``a_ci``, ``b_ci``,
-        ``r_ci``.
+        FitResult with ``a``, ``b``, ``r`` (Pearson r of log x, log y), ``c`` (the same law as ``c x^b``: finite
+        where ``a`` is not) and, when bootstrapping, ``a_ci``, ``b_ci``, ``r_ci``, ``c_ci``.
 
     Raises:
         InsufficientDataError: fewer than 2 usable points or a single distinct x.
@@ -336,13 +342,14 @@ def fit_power_law(
         raise InsufficientDataError(f"power-law fit needs at least 2 usable points, got {len(x)}")
     _check_distinct(x, 2, "x", "power-law fit")
     lx, ly = np.log(x), np.log(y)
-    a, b, r = _power_law_weighted(lx, ly, np.ones((1, len(x))))[0]
+    a, b, r, c = _power_law_weighted(lx, ly, np.ones((1, len(x))))[0]
     samples = None
     if bootstrap:
         w = _bootstrap_weights(groups, bootstrap, np.random.default_rng(seed))
         samples = pd.DataFrame(_power_law_weighted(lx, ly, w), columns=list(POWER_LAW_PARAMS))
-    return FitResult("power_law", {"a": a, "b": b, "r": r}, len(x), samples, level, n_groups=len(np.unique(groups)),
-                     n_free=2, interval=interval)  # fmt: skip
+    params = {"a": a, "b": b, "r": r, "c": c}
+    n_groups = len(np.unique(groups))
+    return FitResult("power_law", params, len(x), samples, level, n_groups=n_groups, n_free=2, interval=interval)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

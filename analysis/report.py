@@ -387,6 +387,12 @@ def _chinchilla(used, history, metric, pcol, options: AnalysisOptions, rec: _Rec
     if result is None:
         return
     rec.rows[-1]["points"] = source
+    implausible = [f"{k} = {result[k]:.3g}" for k in ("alpha", "beta") if not 0.0 < result[k] <= 2.0]
+    if implausible:  # the approach-3 grid spans exponents 0..2; published fits find 0.2..0.8
+        rec.note(
+            f"two-variable fit L(N, D) of {metric}: {', '.join(implausible)} lies outside (0, 2]: these {n_sizes} "
+            f"model sizes and their training lengths do not determine the law; read its N(C), D(C) with care"
+        )
     fpt_text = "C = 6 N D"
     fpt = F.six_n
     try:
@@ -531,7 +537,7 @@ def write_report(study: Study, result: AnalysisResult, options: AnalysisOptions)
         out += ["## Fitted laws", ""]
         out.append("| target | against | form | law | parameters (95% interval) | r | points |")
         out.append("|---|---|---|---|---|---|---|")
-        names = {"power_law": ["a", "b"], "saturating": ["E", "A", "alpha"], "chinchilla": F.CHINCHILLA_PARAMS[:5]}
+        names = {"power_law": ["a", "b", "c"], "saturating": ["E", "A", "alpha"], "chinchilla": F.CHINCHILLA_PARAMS[:5]}
         for _, row in fits.iterrows():
             params = "; ".join(f"{n} = {_with_ci(row, n)}" for n in names[row["form"]])
             out.append(

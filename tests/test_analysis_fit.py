@@ -40,6 +40,18 @@ def test_power_law_recovers_planted_exponent_under_noise():
     assert "r = " in result.label("N", "L")
 
 
+def test_a_nearly_flat_power_law_stays_finite_and_readable():
+    # FID at toy scale: y ~ 250 N^-0.004; the paper's a = c^(1/b) underflows to 0, the c x^b form does not
+    x = np.geomspace(1e-4, 1e-2, 6)
+    y = 250.0 * x**-0.004 * np.exp(np.random.default_rng(0).normal(0, 1e-4, 6))
+    with np.errstate(all="raise"):
+        result = F.fit_power_law(x, y, bootstrap=50)
+    assert result["b"] == pytest.approx(-0.004, abs=2e-4)
+    assert result["c"] == pytest.approx(250.0, rel=1e-2)
+    np.testing.assert_allclose(result.predict(x), y, rtol=1e-3)
+    assert result.label("N", "FID").startswith("FID = 250 N^-0.004")
+
+
 def test_saturating_law_recovers_planted_parameters_under_noise():
     rng = np.random.default_rng(2)
     x = np.geomspace(1e6, 1e10, 16)
