@@ -88,6 +88,19 @@ class AttnBlock(nn.Module):
         return x_BChw + self.proj_out(h_BChw)
 
 
+class MidBlock(nn.Module):
+    """The middle of the encoder and of the decoder: resnet block, optional self-attention, resnet block."""
+
+    def __init__(self, channels: int, *, dropout: float = 0.0, using_sa: bool = True):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout=dropout)
+        self.attn_1 = AttnBlock(channels) if using_sa else nn.Identity()
+        self.block_2 = ResnetBlock(channels, channels, dropout=dropout)
+
+    def forward(self, x_BChw: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x_BChw)))
+
+
 class Encoder(nn.Module):
     """Image (B, 3, H, W) -> latent (B, z_channels, H / 2**(levels-1), W / 2**(levels-1))."""
 
@@ -126,10 +139,7 @@ class Encoder(nn.Module):
             if i_level != self.num_resolutions - 1:
                 down.downsample = Downsample2x(block_in)
             self.down.append(down)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout)
-        self.mid.attn_1 = AttnBlock(block_in) if using_mid_sa else nn.Identity()
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.mid = MidBlock(block_in, dropout=dropout, using_sa=using_mid_sa)
         self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, z_channels, kernel_size=3, stride=1, padding=1)
 
@@ -143,7 +153,7 @@ class Encoder(nn.Module):
                     h_BChw = level.attn[i_block](h_BChw)
             if i_level != self.num_resolutions - 1:
                 h_BChw = level.downsample(h_BChw)
-        h_BChw = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h_BChw)))
+        h_BChw = self.mid(h_BChw)
         return self.conv_out(F.silu(self.norm_out(h_BChw)))
 
 
@@ -167,10 +177,7 @@ class Decoder(nn.Module):
         self.num_res_blocks = num_res_blocks
         block_in = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout=dropout)
-        self.mid.attn_1 = AttnBlock(block_in) if using_mid_sa else nn.Identity()
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout=dropout)
+        self.mid = MidBlock(block_in, dropout=dropout, using_sa=using_mid_sa)
         self.up = nn.ModuleList()
         for i_level in reversed(range(self.num_resolutions)):
             block = nn.ModuleList()
@@ -191,7 +198,7 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, in_channels, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z_BChw: torch.Tensor) -> torch.Tensor:
-        h_BChw = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z_BChw))))
+        h_BChw = self.mid(self.conv_in(z_BChw))
         for i_level in reversed(range(self.num_resolutions)):
             level = self.up[i_level]
             for i_block in range(self.num_res_blocks + 1):
