@@ -72,18 +72,6 @@ class VARModelConfig:
     attn_impl: str = "auto"
     """Attention kernel: auto (flex on CUDA, sdpa elsewhere), flex, sdpa or math (dense mask, as the release)."""
 
-    @property
-    def width(self) -> int:
-        return 64 * self.depth
-
-    @property
-    def heads(self) -> int:
-        return self.depth
-
-    @property
-    def drop_path(self) -> float:
-        return 0.1 * self.depth / 24 if self.drop_path_rate is None else self.drop_path_rate
-
 
 @dataclass
 class DataConfig:

@@ -13,6 +13,16 @@ _RELEASE_RECIPES = {
 }
 
 
+def width_for(depth: int) -> int:
+    """The one size rule: width C = 64 * depth (and heads = depth, so the head dimension is always 64)."""
+    return 64 * depth
+
+
+def drop_path_for(depth: int) -> float:
+    """Stochastic depth of the last block, the release's 0.1 * depth / 24."""
+    return 0.1 * depth / 24
+
+
 @dataclass(frozen=True)
 class VARPreset:
     """Architecture and recipe derived from ``depth``."""
@@ -29,7 +39,7 @@ class VARPreset:
 
     @property
     def width(self) -> int:
-        return 64 * self.depth
+        return width_for(self.depth)
 
     @property
     def heads(self) -> int:
@@ -37,7 +47,7 @@ class VARPreset:
 
     @property
     def drop_path_rate(self) -> float:
-        return 0.1 * self.depth / 24
+        return drop_path_for(self.depth)
 
     def core_params(self) -> int:
         """N(d) = 18 d (64 d)^2: attention 4w^2 + MLP 8w^2 + AdaLN 6w^2 per block (the paper's count)."""

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from var_lab.models.presets import drop_path_for, width_for
 from var_lab.models.sampling import cfg_ratio, guided_logits, sample_top_k_top_p
 from var_lab.models.var_blocks import (
     AdaLNBeforeHead,
@@ -76,7 +77,7 @@ class VAR(nn.Module):
         super().__init__()
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        embed_dim = 64 * depth if embed_dim is None else embed_dim
+        embed_dim = width_for(depth) if embed_dim is None else embed_dim
         num_heads = depth if num_heads is None else num_heads
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
@@ -106,7 +107,7 @@ class VAR(nn.Module):
         for pn in self.patch_nums:
             self.begin_ends.append((cur, cur + pn * pn))
             cur += pn * pn
-        self.drop_path_rate = 0.1 * depth / 24 if drop_path_rate is None else drop_path_rate
+        self.drop_path_rate = drop_path_for(depth) if drop_path_rate is None else drop_path_rate
         #: recompute each block in the backward pass (memory for compute); set by the training module
         self.activation_checkpointing = False
 

@@ -55,7 +55,7 @@ class VARModule(L.LightningModule):
             mlp_ratio=m.mlp_ratio,
             drop_rate=m.drop_rate,
             attn_drop_rate=m.attn_drop_rate,
-            drop_path_rate=m.drop_path,
+            drop_path_rate=m.drop_path_rate,  # None: the model's 0.1 * depth / 24
             norm_eps=m.norm_eps,
             shared_aln=m.shared_aln,
             cond_drop_rate=m.cond_drop_rate,
