@@ -418,11 +418,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     if ckpt_path:
         check_resume_compatible(ckpt_path, cfg, FIT_ARCHITECTURE_KEYS)
     module = VARModule(cfg, vqvae=vqvae)
-    tags = {"var_lab.kind": "var", "var_lab.depth": str(cfg.model.depth)}
-    if cfg.tracking.sweep:
-        tags["var_lab.sweep"] = cfg.tracking.sweep
-    if cfg.tracking.point:
-        tags["var_lab.point"] = cfg.tracking.point
+    tags = {"var_lab.kind": "var", "var_lab.depth": str(cfg.model.depth)}  # the logger adds sweep and point
     if cfg.tracking.run_name is None:
         cfg.tracking.run_name = f"var-d{cfg.model.depth}"
     logger = make_logger(cfg.tracking, output_dir, tags)
@@ -440,13 +436,14 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
         _write_rank_hash(module.var, output_dir, trainer.global_rank)
     if trainer.interrupted:
         raise RuntimeError("training was interrupted before the end (a checkpoint was kept for resuming)")
+    metrics = _final_metrics(trainer)
     summary = {
         "kind": "var",
         "global_step": int(trainer.global_step),
         "epoch": int(trainer.current_epoch),
-        "metrics": _final_metrics(trainer),
+        "metrics": metrics,
         "mlflow_run_id": getattr(logger, "run_id", None) if trainer.global_rank == 0 else None,
-        "images_per_s": _final_metrics(trainer).get("perf/images_per_s"),
+        "images_per_s": metrics.get("perf/images_per_s"),
         "last_checkpoint": str(output_dir / "checkpoints" / "last.ckpt"),
         "skipped_images": int(getattr(datamodule, "num_skipped", 0)),  # unreadable files stepped over
     }
@@ -480,11 +477,7 @@ def fit_tokenizer(cfg: FitTokenizerConfig) -> dict[str, Any]:
     if ckpt_path:
         check_resume_compatible(ckpt_path, cfg, FIT_TOKENIZER_ARCHITECTURE_KEYS)
     module = TokenizerModule(cfg)
-    tags = {"var_lab.kind": "tokenizer"}
-    if cfg.tracking.sweep:
-        tags["var_lab.sweep"] = cfg.tracking.sweep
-    if cfg.tracking.point:
-        tags["var_lab.point"] = cfg.tracking.point
+    tags = {"var_lab.kind": "tokenizer"}  # the logger adds sweep and point
     if cfg.tracking.run_name is None:
         cfg.tracking.run_name = f"tokenizer-v{cfg.tokenizer.vocab_size}"
     logger = make_logger(cfg.tracking, output_dir, tags)
