@@ -141,6 +141,23 @@ class MultiScaleQuantizer(nn.Module):
             h_BChw = F.interpolate(h_BChw, size=(H, W), mode="bicubic")
         return self.phi(si)(h_BChw.contiguous())
 
+    def _quantize_scale(self, f_rest_BChw: torch.Tensor, si: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One residual step: the nearest codes of the residual at scale ``si`` and their upsampled, phi-refined map.
+
+        Returns:
+            ``idx_N`` (B * p * p,) and ``h_BChw`` (B, Cvae, H, W).
+        """
+        B, C, H, W = f_rest_BChw.shape
+        pn = self.patch_nums[si]
+        if si != self.num_scales - 1:
+            rest_BChw = F.interpolate(f_rest_BChw, size=(pn, pn), mode="area")
+        else:
+            rest_BChw = f_rest_BChw
+        rest_NC = rest_BChw.permute(0, 2, 3, 1).reshape(-1, C)
+        idx_N = self.nearest_code(rest_NC)
+        h_BChw = self._upsampled_code(idx_N.view(B, pn, pn), si, H, W)
+        return idx_N, h_BChw
+
     def forward(self, f_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Quantize for training, with the straight-through estimator.
 
@@ -153,23 +170,15 @@ class MultiScaleQuantizer(nn.Module):
             hits_SV: code hit counts per scale (float, this process only).
         """
         f_BChw = f_BChw.float()
-        B, C, H, W = f_BChw.shape
         f_no_grad = f_BChw.detach()
         f_rest = f_no_grad.clone()
         f_hat = torch.zeros_like(f_rest)
         K = self.num_scales
         hits_SV = torch.zeros(K, self.vocab_size, device=f_BChw.device)
         vq_loss = f_BChw.new_zeros(())
-        for si, pn in enumerate(self.patch_nums):
-            if si != K - 1:
-                rest_BChw = F.interpolate(f_rest, size=(pn, pn), mode="area")
-            else:
-                rest_BChw = f_rest
-            rest_NC = rest_BChw.permute(0, 2, 3, 1).reshape(-1, C)
-            idx_N = self.nearest_code(rest_NC)
+        for si in range(K):
+            idx_N, h_BChw = self._quantize_scale(f_rest, si)
             hits_SV[si] = idx_N.bincount(minlength=self.vocab_size).float()
-            idx_Bhw = idx_N.view(B, pn, pn)
-            h_BChw = self._upsampled_code(idx_Bhw, si, H, W)
             f_hat = f_hat + h_BChw
             f_rest = f_rest - h_BChw.detach()
             vq_loss = vq_loss + F.mse_loss(f_hat.data, f_BChw).mul(self.beta) + F.mse_loss(f_hat, f_no_grad)
@@ -197,20 +206,13 @@ class MultiScaleQuantizer(nn.Module):
     @torch.no_grad()
     def f_to_idx(self, f_BChw: torch.Tensor) -> list[torch.Tensor]:
         """Token indices per scale of a latent: (B, Cvae, H, W) -> list of (B, p * p)."""
-        B, C, H, W = f_BChw.shape
+        B, _, H, W = f_BChw.shape
         if self.patch_nums[-1] != H or self.patch_nums[-1] != W:
             raise ValueError(f"latent is {H}x{W} but the last scale is {self.patch_nums[-1]}")
         f_rest = f_BChw.detach().float().clone()
-        K = self.num_scales
         idx_list = []
         for si, pn in enumerate(self.patch_nums):
-            if si != K - 1:
-                rest_BChw = F.interpolate(f_rest, size=(pn, pn), mode="area")
-            else:
-                rest_BChw = f_rest
-            z_NC = rest_BChw.permute(0, 2, 3, 1).reshape(-1, C)
-            idx_N = self.nearest_code(z_NC)
-            h_BChw = self._upsampled_code(idx_N.view(B, pn, pn), si, H, W)
+            idx_N, h_BChw = self._quantize_scale(f_rest, si)
             f_rest.sub_(h_BChw)
             idx_list.append(idx_N.reshape(B, pn * pn))
         return idx_list
