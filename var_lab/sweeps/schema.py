@@ -707,7 +707,8 @@ def apply_patch(data: Any, patch: str, source: str) -> dict:
     value, _ = load_yaml(text, f"--patch {key}")
     data = copy.deepcopy(data) if isinstance(data, dict) else {}
     parts = key.strip().split(".")
-    # Sections whose contents are config keys: the rest of the path is one dotted config key.
+    # Sections whose contents are config keys: the rest of the path is one dotted config key. A shorter path
+    # replaces the whole section or a part of it (overrides={}, base={...}).
     if parts[0] == "base":
         prefix = 1
     elif parts[:2] == ["tokenizer", "train"]:
@@ -716,8 +717,7 @@ def apply_patch(data: Any, patch: str, source: str) -> dict:
         prefix = 3
     else:
         prefix = len(parts) - 1
-    if len(parts) <= prefix:
-        prefix = len(parts) - 1  # the whole section or a part of it, e.g. overrides={} or base={...}
+    prefix = min(prefix, len(parts) - 1)
     node = data
     for part in parts[:prefix]:
         if part not in node and part.lstrip("-").isdigit() and int(part) in node:
