@@ -164,7 +164,7 @@ class FitResult(dict):
 
     def label(self, x: str = "x", y: str = "y", digits: int = 3) -> str:
         """Legend text, e.g. ``L = (2.0e-09 N)^-0.230, r = -0.998``."""
-        if self.form == "power_law" and not 1e-300 < abs(self["a"]) < 1e300 and "c" in self:
+        if self.form == "power_law" and not 1e-300 < abs(self["a"]) < 1e300:
             text = f"{y} = {_fmt(self['c'])} {x}^{self['b']:.{digits}f}"  # the paper's (a x)^b has no float a
         elif self.form == "power_law":
             text = f"{y} = ({_fmt(self['a'])} {x})^{self['b']:.{digits}f}"
@@ -196,9 +196,7 @@ def _fmt(value: float) -> str:
 
 def _evaluate(form: str, p, *x) -> np.ndarray:
     if form == "power_law":
-        if "c" in p and np.isfinite(p["c"]):
-            return p["c"] * np.asarray(x[0], dtype=float) ** p["b"]  # exact where a = c^(1/b) over- or underflows
-        return power_law(x[0], p["a"], p["b"])
+        return p["c"] * np.asarray(x[0], dtype=float) ** p["b"]  # exact where a = c^(1/b) over- or underflows
     if form == "saturating":
         return saturating(x[0], p["E"], p["A"], p["alpha"])
     if form == "chinchilla":
