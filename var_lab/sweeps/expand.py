@@ -27,7 +27,6 @@ import yaml
 from var_lab.config import FitConfig, FitTokenizerConfig, from_dict, to_dict
 from var_lab.sweeps.schema import (
     GLOBAL_BATCH_KEY,
-    OWNED_KEYS,
     Resources,
     Sweep,
     SweepError,
@@ -171,9 +170,7 @@ def finalize_config(
     Returns:
         The full config as a nested dict (``to_dict`` of the dataclass), ready for YAML.
     """
-    flat = dict(flat)
-    for key in OWNED_KEYS:
-        flat.pop(key, None)
+    flat = dict(flat)  # every key the sweep owns (OWNED_KEYS, refused in the file) is set here
     flat["output_dir"] = str(run_dir)
     flat["tracking.tracking_uri"] = tracking_uri
     flat["tracking.experiment"] = sweep.experiment

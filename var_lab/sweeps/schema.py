@@ -829,10 +829,8 @@ def validate_sweep(data: Any, source: str, lines: Optional[dict] = None) -> Swee
         if (stage.checkpoint is None) == (stage.train is None):
             raise err("give exactly one of 'checkpoint' (a file) or 'train' (a FitTokenizerConfig)", "tokenizer")
         if stage.train is not None:
+            # refuses the keys the sweep owns (OWNED_KEYS), as for base and overrides
             stage.train = _check_config_mapping(FitTokenizerConfig, stage.train, "tokenizer.train", err)
-            for owned in ("output_dir", "tracking.tracking_uri", "tracking.experiment", "tracking.sweep"):
-                if owned in stage.train:
-                    raise err(f"set by the sweep ({OWNED_KEYS[owned]})", f"tokenizer.train.{owned}")
         if stage.resources is not None:
             build_resources(dataclasses.asdict(sweep.resources), stage.resources, "tokenizer.resources", err)
         sweep.tokenizer = stage

@@ -29,7 +29,6 @@ from var_lab.sweeps.launchers import (
     claim_owner_alive,
     describe_owner,
     read_claim,
-    read_records,
     run_has_progress,
     slurm_job_states,
 )
@@ -274,11 +273,6 @@ def extra_run_dirs(plan: Plan) -> list[Path]:
         return []
     known = {t.task_dir for t in plan.tasks}
     return sorted(p for p in plan.sweep_dir.iterdir() if p.is_dir() and p not in known and (p / "config.yaml").exists())
-
-
-def launch_history(task: Task) -> list[dict]:
-    """The launch records of a task (for ``status --json``)."""
-    return read_records(task.task_dir)
 
 
 def status_json(rows: list[dict], plan: Plan) -> str:
