@@ -144,6 +144,11 @@ def test_step_validation_spans_epochs_and_the_last_step_is_always_validated(tmp_
     history = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_metric_history(summary["mlflow_run_id"], "val/L_mean")
     # after steps 5, 10 and 11; Lightning logs at the 0-based index of the step just taken
     assert sorted({m.step for m in history}) == [4, 9, 10]
+    # the lr schedule spans the 11 capped steps, not the 16 of the two epochs: the last step is at the final ratio
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    lrs = sorted(client.get_metric_history(summary["mlflow_run_id"], "opt/lr"), key=lambda m: m.step)
+    peak = float(client.get_run(summary["mlflow_run_id"]).data.params["train.peak_lr"])
+    assert lrs[-1].value == pytest.approx(peak * cfg.optim.final_lr_ratio, rel=1e-4)
 
 
 @pytest.mark.slow

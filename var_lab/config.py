@@ -142,7 +142,8 @@ class TrainerConfig:
     max_epochs: int = 1
     """Training epochs (the schedule's length)."""
     max_steps: int = -1
-    """Stop after this many optimiser steps (-1: run all epochs); the schedule still spans max_epochs."""
+    """Stop after this many optimiser steps (-1: run all epochs); the lr and weight-decay schedule then spans
+    min(max_steps, the steps of max_epochs), so a run capped by max_steps still finishes its schedule."""
     val_check_interval: Optional[float] = None
     """Validate every N optimiser steps (a whole number, counted across epochs) or a fraction (< 1) of an epoch;
     None: once per epoch. Every run is also validated at its last step."""

@@ -227,6 +227,22 @@ class VAR(nn.Module):
         per_token = 12 * self.depth * C * C + C * self.V + self.Cvae * C
         return 3.0 * (2.0 * L * per_token + 4.0 * self.depth * L * L * C)
 
+    def scaling_metadata(self) -> dict[str, object]:
+        """The ``model.*`` params of the MLflow contract: size, parameter counts by group, FLOPs per image, scales."""
+        counts = self.num_scaling_params()
+        return {
+            "model.depth": self.depth,
+            "model.width": self.C,
+            "model.heads": self.num_heads,
+            "model.params_total": counts["total"],
+            "model.params_blocks": counts["blocks"],
+            "model.params_embed": counts["embed"],
+            "model.params_adaln": counts["adaln"],
+            "model.params_head": counts["head"],
+            "model.flops_per_image": self.estimate_flops(),
+            "model.patch_nums": ",".join(str(pn) for pn in self.patch_nums),
+        }
+
     # ------------------------------------------------------------------ forward (teacher forcing)
     def block_causal_mask(self, device: torch.device, length: Optional[int] = None) -> BlockCausalMask:
         """The block-causal mask for the first ``length`` tokens, built once per device and kernel."""

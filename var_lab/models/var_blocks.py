@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -252,6 +252,3 @@ class SharedAdaLin(nn.Linear):
     def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
         C = self.weight.shape[0] // 6
         return super().forward(cond_BD).view(-1, 1, 6, C)
-
-
-MaskOrNone = Union[BlockCausalMask, None]

@@ -45,7 +45,11 @@ def load_tokenizer_checkpoint(path: Union[str, Path], map_location: str = "cpu")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    return _tokenizer_from_checkpoint(torch.load(path, map_location=map_location, weights_only=False), path)
+
+
+def _tokenizer_from_checkpoint(ckpt: dict, path: Path) -> tuple[VQVAE, dict[str, Any]]:
+    """The frozen vqvae and info of an already loaded ``fit-tokenizer`` checkpoint (``path`` names it in errors)."""
     hp = ckpt.get("hyper_parameters", {})
     if "config" not in hp:
         raise ValueError(f"{path}: not a var-lab tokenizer checkpoint (no hyper_parameters.config)")
@@ -74,7 +78,7 @@ def load_tokenizer(path: Union[str, Path], cfg: Optional[TokenizerModelConfig] =
         )
     obj = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(obj, dict) and "hyper_parameters" in obj and "state_dict" in obj:
-        vqvae, info = load_tokenizer_checkpoint(path)
+        vqvae, info = _tokenizer_from_checkpoint(obj, path)  # the file is read once
         if cfg is not None and to_dict(info["tokenizer"]) != to_dict(cfg):
             # The checkpoint's architecture wins; a differing config is a user error worth naming.
             raise ValueError(

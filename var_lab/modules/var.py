@@ -7,7 +7,6 @@ Logged (names from the MLflow contract): ``train/loss``, ``train/L_mean``, ``tra
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Any, Optional, Union
 
 import lightning as L
 import torch
-import torch.distributed as dist
 
 from var_lab.config import FitConfig, from_dict, to_dict
 from var_lab.data.tokens import split_scales
@@ -95,18 +93,8 @@ class VARModule(L.LightningModule):
         """Params of the MLflow contract (DESIGN.md)."""
         from var_lab.provenance import git_commit
 
-        p = self.scaling_params
         return {
-            "model.depth": self.var.depth,
-            "model.width": self.var.C,
-            "model.heads": self.var.num_heads,
-            "model.params_total": p["total"],
-            "model.params_blocks": p["blocks"],
-            "model.params_embed": p["embed"],
-            "model.params_adaln": p["adaln"],
-            "model.params_head": p["head"],
-            "model.flops_per_image": self.flops_per_image,
-            "model.patch_nums": ",".join(str(pn) for pn in self.patch_nums),
+            **self.var.scaling_metadata(),
             "model.vocab_size": self.var.V,
             "model.num_classes": self.var.num_classes,
             "data.name": self.cfg.data.name,
@@ -164,8 +152,11 @@ class VARModule(L.LightningModule):
         target_BL = torch.cat(idx_list, dim=1)
         return target_BL, x_BLCv, labels_B.long()
 
-    def _metrics(self, logits_BLV: torch.Tensor, target_BL: torch.Tensor) -> dict[str, torch.Tensor]:
-        ce_BL = loss_per_token(logits_BLV.detach(), target_BL)
+    def _metrics(
+        self, logits_BLV: torch.Tensor, target_BL: torch.Tensor, ce_BL: Optional[torch.Tensor] = None
+    ) -> dict[str, torch.Tensor]:
+        if ce_BL is None:
+            ce_BL = loss_per_token(logits_BLV.detach(), target_BL)
         correct_BL = (logits_BLV.detach().argmax(-1) == target_BL).float()
         tail = self._tail_begin
         return {
@@ -179,14 +170,17 @@ class VARModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         target_BL, x_BLCv, labels_B = self._tokens_and_input(batch)
         logits_BLV = self.var(labels_B, x_BLCv)
-        loss = loss_per_token(logits_BLV, target_BL, self.cfg.optim.label_smoothing).mean()
+        smoothing = self.cfg.optim.label_smoothing
+        train_ce_BL = loss_per_token(logits_BLV, target_BL, smoothing)
+        loss = train_ce_BL.mean()
         if self._fault_nan_at_step == self.global_step:
             loss = loss * float("nan")  # test hook VAR_LAB_FAULT_NAN_AT_STEP: a diverging step, for the tests
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}; {self._last_good_checkpoint()}"
             )
-        metrics = self._metrics(logits_BLV, target_BL)
+        # the metrics are unsmoothed cross-entropies: without smoothing that is the training loss, reused
+        metrics = self._metrics(logits_BLV, target_BL, train_ce_BL.detach() if smoothing == 0 else None)
         B = target_BL.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         for name in ("L_mean", "L_tail", "acc_mean", "acc_tail"):
@@ -285,10 +279,7 @@ class VARModule(L.LightningModule):
     def _total_and_warmup_steps(self) -> tuple[int, int]:
         total = int(self.trainer.estimated_stepping_batches)
         epochs = max(self.trainer.max_epochs or 1, 1)
-        steps_per_epoch = max(total / epochs, 1)
-        if self.cfg.trainer.max_steps and self.cfg.trainer.max_steps > 0:
-            # The schedule spans the configured epochs even when max_steps stops the run early.
-            total = max(int(math.ceil(steps_per_epoch * epochs)), 1)
+        steps_per_epoch = max(total / epochs, 1)  # Lightning's estimate is already capped at max_steps
         warmup_epochs = self.cfg.optim.warmup_epochs
         if warmup_epochs is None:
             warmup_epochs = epochs / 50
@@ -365,10 +356,6 @@ def _logger_run_id(logger) -> Optional[str]:
         return getattr(logger, "run_id", None) if logger is not None else None
     except Exception:  # noqa: BLE001 - a logger whose store is down still lets us checkpoint
         return None
-
-
-def is_rank_zero() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def load_var_checkpoint(
