@@ -683,11 +683,6 @@ def _solve_chinchilla(
     keep: int = 8,
 ) -> _ChinchillaSolve:  # fmt: skip
     """Run L-BFGS from every start, polish the ``polish`` best distinct optima with SciPy, keep the best."""
-
-    def fg1(theta):
-        f, g = chinchilla_objective(theta[None], log_N, log_D, log_L, weights, delta)
-        return float(f[0]), g[0]
-
     if method not in ("batched", "scipy"):
         raise ValueError(f"method must be 'batched' or 'scipy', got {method!r}")
     data = (log_N, log_D, log_L, weights, delta)
@@ -712,11 +707,17 @@ def _solve_chinchilla(
     candidates = x[best]
     finals = [(float(f[best[0]]), x[best[0]])]
     for theta0 in candidates[:polish]:
-        sol = _scipy_lbfgs(fg1, theta0)
+        sol = _scipy_lbfgs(lambda theta: _objective_one(theta, data), theta0)
         if np.isfinite(sol.fun):
             finals.append((float(sol.fun), sol.x))
     objective, theta = min(finals, key=lambda t: t[0])
     return _ChinchillaSolve(np.asarray(theta, float), objective, candidates, total_iters)
+
+
+def _objective_one(theta: np.ndarray, data: tuple) -> tuple[float, np.ndarray]:
+    """The objective and its gradient at one parameter vector (5,), the form SciPy's L-BFGS takes."""
+    f, g = chinchilla_objective(theta[None], *data)
+    return float(f[0]), g[0]
 
 
 def _starts_chunk(method: str, data: tuple, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -730,13 +731,9 @@ def _starts_chunk(method: str, data: tuple, starts: np.ndarray) -> tuple[np.ndar
         x, f, iters = _batched_lbfgs(fg, starts)
         return x, f, int(iters.sum())
 
-    def fg1(theta):
-        f, g = chinchilla_objective(theta[None], log_N, log_D, log_L, weights, delta)
-        return float(f[0]), g[0]
-
     xs, fs, iters = [], [], 0
     for theta0 in starts:
-        sol = _scipy_lbfgs(fg1, theta0, max_iter=1000)
+        sol = _scipy_lbfgs(lambda theta: _objective_one(theta, data), theta0, max_iter=1000)
         xs.append(sol.x)
         fs.append(sol.fun)
         iters += sol.nit

@@ -591,7 +591,7 @@ def write_report(study: Study, result: AnalysisResult, options: AnalysisOptions)
             f"`{row['law']}`; Huber (delta 1e-3) on log loss, L-BFGS from {int(row['n_starts'])} starts."
         )
         out.append("")
-        for name in ("E", "A", "B", "alpha", "beta", "a_opt", "b_opt", "G"):
+        for name in F.CHINCHILLA_PARAMS:
             out.append(f"- {name} = {_with_ci(row, name)}")
         out.append("")
         opt = result.tables.get("compute_optimal")
