@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from var_lab.atomic import write_atomic
 from var_lab.metrics.fid import (
     DatasetImages,
     FolderImages,
@@ -48,6 +49,7 @@ from var_lab.metrics.fid import (
     NpzImages,
     ReferenceStats,
     compute_metrics,
+    quiet,
     reference_statistics,
     to_uint8,
 )
@@ -197,7 +199,7 @@ def sample_and_extract(
         desc=f"sampling (rank {rank}/{world_size})" if world_size > 1 else "sampling",
         unit="img",
         dynamic_ncols=True,
-        disable=not progress or rank != 0 or os.environ.get("VAR_LAB_QUIET", "") not in ("", "0"),
+        disable=not progress or rank != 0 or quiet(),
     )
     try:
         for start, end in my_batches:
@@ -258,20 +260,11 @@ def _write_pngs(folder: Path, start: int, img_BHW3: np.ndarray) -> None:
 
 def gather_generated(local: GeneratedSet, world_size: int) -> GeneratedSet:
     """All ranks' features, indices and grid images on every rank, sorted by global index (images stay local)."""
-    if world_size == 1:
-        order = torch.argsort(local.indices)
-        return GeneratedSet(
-            indices=local.indices[order],
-            labels=local.labels[order],
-            features={k: v[order] for k, v in local.features.items()},
-            grid=local.grid,
-            images=local.images[order.numpy()] if local.images is not None else None,
-            resolution=local.resolution,
-            seconds=local.seconds,
-        )
     payload = (local.indices, local.labels, local.features, local.grid, local.resolution, local.seconds)
-    parts: list = [None] * world_size
-    dist.all_gather_object(parts, payload)
+    parts: list = [payload]
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, payload)
     indices_N = torch.cat([p[0] for p in parts])
     order = torch.argsort(indices_N)
     names = parts[0][2].keys()
@@ -495,9 +488,7 @@ def evaluate_var(
     if rank == 0 and out is not None:
         out.mkdir(parents=True, exist_ok=True)
         path = out / "metrics.json"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"sampling": asdict(sampling), **asdict(result)}, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps({"sampling": asdict(sampling), **asdict(result)}, indent=2) + "\n")
         result.files["metrics_json"] = str(path)
     return result
 
@@ -713,33 +704,13 @@ def _init_distributed(device_arg: Optional[str]) -> tuple[torch.device, bool]:
 
 def _load_model(args: argparse.Namespace, device: torch.device):
     """(var, info, model_params) from --checkpoint or --release-var/--release-tokenizer."""
-    if args.checkpoint:
-        from var_lab.modules.var import load_var_checkpoint
+    from var_lab.sampling_cli import load_any_var
 
-        vqvae, var, info = load_var_checkpoint(args.checkpoint, map_location="cpu")
-        if var.vqvae is None:
-            var.attach_tokenizer(vqvae)
-        model_params: dict[str, Any] = {}
-    else:
-        if not (args.release_var and args.release_tokenizer):
-            raise ValueError("give --checkpoint CKPT, or both --release-var PATH and --release-tokenizer PATH")
-        from var_lab.models import load_release_tokenizer, load_release_var
-
-        vqvae = load_release_tokenizer(args.release_tokenizer)
-        var = load_release_var(args.release_var, vqvae=vqvae, depth=args.depth)
-        info = {"fit_config": None, "global_step": 0, "mlflow_run_id": None, "tracking_uri": None}
-        counts = var.num_scaling_params()
+    vqvae, var, info = load_any_var(args)
+    model_params: dict[str, Any] = {}
+    if not args.checkpoint:
         model_params = {
-            "model.depth": var.depth,
-            "model.width": var.C,
-            "model.heads": var.num_heads,
-            "model.params_total": counts["total"],
-            "model.params_blocks": counts["blocks"],
-            "model.params_embed": counts["embed"],
-            "model.params_adaln": counts["adaln"],
-            "model.params_head": counts["head"],
-            "model.flops_per_image": var.estimate_flops(),
-            "model.patch_nums": ",".join(str(p) for p in var.patch_nums),
+            **var.scaling_metadata(),
             "data.resolution": vqvae.resolution,
             "eval.checkpoint": str(Path(args.release_var).resolve()),
         }

@@ -9,18 +9,25 @@ import torch
 
 
 def load_any_var(args) -> tuple:
-    """(vqvae, var) from ``--checkpoint`` (ours) or ``--release-var`` + ``--release-tokenizer``."""
+    """(vqvae, var, info) on the CPU from ``--checkpoint`` (ours) or ``--release-var`` + ``--release-tokenizer``.
+
+    ``info`` holds the checkpoint's ``fit_config``, ``global_step``, ``mlflow_run_id`` and ``tracking_uri`` (None and
+    0 for a released checkpoint).
+
+    Raises:
+        ValueError: neither a checkpoint nor both released files were given.
+    """
     if args.checkpoint:
         from var_lab.modules.var import load_var_checkpoint
 
-        vqvae, var, _ = load_var_checkpoint(args.checkpoint)
-        return vqvae, var
+        return load_var_checkpoint(args.checkpoint, map_location="cpu")
     if not (args.release_var and args.release_tokenizer):
-        raise SystemExit("var-lab sample: give --checkpoint, or both --release-var and --release-tokenizer")
+        raise ValueError("give --checkpoint CKPT, or both --release-var PATH and --release-tokenizer PATH")
     from var_lab.models import load_release_tokenizer, load_release_var
 
     vqvae = load_release_tokenizer(args.release_tokenizer)
-    return vqvae, load_release_var(args.release_var, vqvae=vqvae, depth=args.depth)
+    var = load_release_var(args.release_var, vqvae=vqvae, depth=args.depth)
+    return vqvae, var, {"fit_config": None, "global_step": 0, "mlflow_run_id": None, "tracking_uri": None}
 
 
 def sample_main(argv: list[str]) -> int:
@@ -43,7 +50,10 @@ def sample_main(argv: list[str]) -> int:
     from torchvision.utils import save_image
     from tqdm import tqdm
 
-    vqvae, var = load_any_var(args)
+    try:
+        vqvae, var, _ = load_any_var(args)
+    except ValueError as error:
+        raise SystemExit(f"var-lab sample: {error}") from None
     device = torch.device(args.device)
     vqvae.to(device)
     var.to(device)

@@ -48,6 +48,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
+from var_lab.atomic import write_atomic
 from var_lab.provenance import git_commit  # noqa: F401 - re-exported for callers of var_lab.tracking
 
 log = logging.getLogger(__name__)
@@ -290,17 +291,6 @@ def get_or_create_experiment(uri: str, name: str, artifact_root: Optional[Union[
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write then rename, so a reader (or a crash) never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def read_run_id(path: Union[str, Path]) -> Optional[str]:
     """The MLflow run id stored in ``path``, or None when the file does not exist.
 
@@ -328,7 +318,7 @@ def _read_run_id_quietly(path: Path) -> Optional[str]:
 
 def write_run_id(path: Union[str, Path], run_id: str) -> None:
     """Store an MLflow run id atomically (tmp file + ``os.replace``)."""
-    _atomic_write_text(Path(path), run_id + "\n")
+    write_atomic(Path(path), run_id + "\n")
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -703,7 +693,7 @@ class Spool:
             self.path.unlink(missing_ok=True)
             return
         text = "".join(json.dumps(r, allow_nan=True) + "\n" for r in records) + "".join(f"{x}\n" for x in raw_lines)
-        _atomic_write_text(self.path, text)
+        write_atomic(self.path, text)
 
     def _append_rejected(self, items: list[tuple[Any, str]]) -> None:
         if not items:

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
+from var_lab.atomic import write_atomic
 from var_lab.config import FitConfig, FitTokenizerConfig, TrainerConfig, from_dict, to_dict
 
 
@@ -86,14 +87,6 @@ def global_rank() -> int:
         if key in os.environ:
             return int(os.environ[key])
     return 0
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write then rename, so a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def checkpoint_is_readable(path: Path) -> bool:
@@ -165,7 +158,7 @@ def resolve_precision(trainer_cfg: TrainerConfig) -> str:
     return "bf16-mixed" if wants_gpu else "32-true"
 
 
-def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks: list, monitor_every: bool = True):
+def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks: list):
     """A Lightning Trainer from the config, with checkpoints in ``output_dir/checkpoints``."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint

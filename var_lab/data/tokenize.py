@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from var_lab.atomic import write_atomic
 from var_lab.config import DataConfig, TokenizerModelConfig
 from var_lab.data.folders import build_image_dataset, find_classes, fixed_subset
 from var_lab.data.tokens import (
@@ -364,9 +365,7 @@ def _finish_manifest(folder: Path, manifest: dict) -> None:
         if shard["fingerprint"] != manifest["fingerprint"] or shard["count"] != entry["count"]:
             raise TokenCacheError(f"{path} does not match the manifest being written; re-run to resume")
     manifest = {**manifest, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    tmp = folder / f"{MANIFEST_NAME}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, folder / MANIFEST_NAME)
+    write_atomic(folder / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -154,7 +154,7 @@ class InceptionFeatures:
             ``{"2048": (N, 2048), ...}`` float32 on the CPU, in the order of the batches.
         """
         out: dict[str, list[torch.Tensor]] = {name: [] for name in self.names}
-        with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=_quiet()) as bar:
+        with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=quiet()) as bar:
             for batch in batches:
                 for name, value in self(batch).items():
                     out[name].append(value)
@@ -164,7 +164,8 @@ class InceptionFeatures:
         return {name: torch.cat(values) for name, values in out.items()}
 
 
-def _quiet() -> bool:
+def quiet() -> bool:
+    """True when ``VAR_LAB_QUIET`` is set (not empty or 0): progress bars are off (tests, batch logs)."""
     return os.environ.get("VAR_LAB_QUIET", "") not in ("", "0")
 
 

@@ -120,7 +120,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print()
             print(format_points_table(plan))
         if args.write:
-            from var_lab.sweeps.launchers import write_atomic
+            from var_lab.atomic import write_atomic
 
             for task in plan.tasks:
                 if task.config is not None:

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
+from var_lab.atomic import write_atomic
 from var_lab.sweeps.expand import Plan, Task, config_yaml, non_default_items
 from var_lab.sweeps.schema import SweepError, flatten, is_placeholder
 
@@ -66,14 +67,6 @@ def now_iso() -> str:
 
 def hostname() -> str:
     return socket.gethostname()
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write then rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ processes and jobs
