@@ -89,6 +89,9 @@ def analyze_main(argv: list[str]) -> int:
     if args.bootstrap < 0 or args.chinchilla_bootstrap < 0:
         print("var-lab analyze: --bootstrap and --chinchilla-bootstrap must be >= 0", file=sys.stderr)
         return 2
+    from var_lab.inputs import check_output_dir
+
+    check_output_dir(args.out, "--out")  # before the study is read (a BadInputError is reported by var_lab.cli)
     try:
         study = load_study(args.experiment, args.tracking_uri, backend=args.backend, progress=sys.stderr.isatty())
     except (ValueError, FileNotFoundError) as error:

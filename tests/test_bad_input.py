@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import FASHION_MNIST_DIR
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_reliability import REPO_ROOT, subprocess_env, tiny_run_config, write_config
@@ -89,11 +91,10 @@ def test_unknown_top_level_key_and_a_section_that_is_not_a_mapping(tmp_path, cap
 
 @pytest.mark.parametrize("depth", ["0", "-2"])
 def test_invalid_depth_is_refused_before_anything_is_loaded(tmp_path, capsys, depth):
-    assert fit("--config", str(small_config(tmp_path)), "--model.depth", depth) == 1
+    assert fit("--config", str(small_config(tmp_path)), "--model.depth", depth) == 2
     err = capsys.readouterr().err
-    assert f"model.depth={depth} is invalid: the depth must be an integer >= 1" in err
-    assert f"model.depth={depth}" in (tmp_path / "run" / "FAILED").read_text()
-    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "mlflow.db").exists()
+    assert f"var-lab fit: error: model.depth={depth} is invalid: the depth must be an integer >= 1" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "mlflow.db").exists()  # nothing written
 
 
 @pytest.mark.parametrize(
@@ -109,8 +110,9 @@ def test_invalid_depth_is_refused_before_anything_is_loaded(tmp_path, capsys, de
     ],
 )
 def test_invalid_patch_schedule_is_refused(tmp_path, capsys, patch_nums, needle):
-    assert fit("--config", str(small_config(tmp_path)), "--tokenizer.patch_nums", patch_nums) == 1
+    assert fit("--config", str(small_config(tmp_path)), "--tokenizer.patch_nums", patch_nums) == 2
     assert needle in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------------------------------- data
@@ -257,3 +259,187 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint_and_says_where(tmp
     assert not [p for p in ckpt_dir.iterdir() if p.name.startswith(".")]
     assert fit("--config", str(config), "--trainer.max_steps", "4") == 0
     assert json.loads((tmp_path / "run" / "DONE").read_text())["global_step"] == 4
+
+
+# ------------------------------------------------------------------------------------- bad input through the real CLI
+TEXT_FILE = "not a checkpoint\n"
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Every file and folder under ``root`` with its bytes (folders: b"<dir>")."""
+    return {str(p.relative_to(root)): b"<dir>" if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """What the bad commands must leave alone: a finished tiny VAR run, its tokenizer, a token cache (and a copy with a
+    truncated shard), a text file posing as a checkpoint, an empty YAML file and the run's config."""
+    from var_lab.config import TokenizerModelConfig
+    from var_lab.modules.tokenizer import build_vqvae
+
+    if not (FASHION_MNIST_DIR.is_dir() and any(FASHION_MNIST_DIR.iterdir())):
+        pytest.skip("Debian package dataset-fashion-mnist is not installed")
+    root = tmp_path_factory.mktemp("world")
+    config = tiny_run_config(root / "run", "none", "bad-input")
+    config["trainer"].update(max_steps=1, val_check_interval=None, deterministic=False)
+    torch.manual_seed(0)
+    torch.save(build_vqvae(TokenizerModelConfig(**config["tokenizer"])).state_dict(), root / "tokenizer.pth")
+    config["tokenizer_ckpt"] = str(root / "tokenizer.pth")
+    write_config(root / "run.yaml", config)
+    assert cli_main(["fit", "--config", str(root / "run.yaml")]) == 0
+    flags = [f"--tokenizer.{key}={json.dumps(value)}" for key, value in config["tokenizer"].items()]
+    argv = ["--tokenizer-ckpt", str(root / "tokenizer.pth"), "--out", str(root / "tokens"), "--shard-size", "16",
+            "--data.limit_train", "32", "--data.limit_val", "8", "--data.num_workers", "0", "--progress", "false",
+            *flags]  # fmt: skip
+    assert cli_main(["tokenize", *argv]) == 0
+    shutil.copytree(root / "tokens", root / "tokens_truncated")
+    shard = root / "tokens_truncated" / "train" / "shard_00001.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    (root / "text.ckpt").write_text(TEXT_FILE)
+    (root / "empty.yaml").write_text("")
+    return {"root": root, "flags": flags}
+
+
+def _case(world: dict, name: str, tmp_path: Path) -> tuple[list[str], list[str]]:
+    """(argv after ``var-lab``, the texts the last line of stderr must hold) of one bad-input case."""
+    root = world["root"]
+    text, run_yaml, ckpt = root / "text.ckpt", str(root / "run.yaml"), str(root / "run" / "checkpoints" / "last.ckpt")
+    fit_existing = ["fit", "--config", run_yaml]  # the finished run's own folder: nothing there may change
+    under_file = str(text / "sub")  # a path whose parent is a regular file
+    cases = {
+        "sample-missing-checkpoint": (
+            ["sample", "--checkpoint", "MISSING"],
+            ["var-lab sample: error: --checkpoint MISSING does not exist", "written by `var-lab fit`"],
+        ),
+        "sample-text-checkpoint": (
+            ["sample", "--checkpoint", str(text)],
+            [f"--checkpoint {text} is not a checkpoint: a text file", "written by `var-lab fit`"],
+        ),
+        "eval-text-checkpoint": (
+            ["eval", "--checkpoint", str(text), "--no-mlflow"],
+            [f"var-lab eval: error: --checkpoint {text} is not a checkpoint", "RUN/checkpoints/last.ckpt"],
+        ),
+        "fit-text-tokenizer": (
+            [*fit_existing, "--tokenizer_ckpt", str(text)],
+            [f"var-lab fit: error: tokenizer_ckpt {text} is not a checkpoint", "`var-lab fit-tokenizer`"],
+        ),
+        "fit-text-resume": (
+            [*fit_existing, "--resume", str(text)],
+            [f"resume checkpoint {text} is not a checkpoint", "--resume auto", "never"],
+        ),
+        "fit-tokenizer-text-resume": (
+            ["fit-tokenizer", "--resume", str(text), "--output_dir", str(root / "tokenizer_run")],
+            [f"var-lab fit-tokenizer: error: resume checkpoint {text} is not a checkpoint", "--resume auto"],
+        ),
+        "tokenize-text-tokenizer": (
+            ["tokenize", "--tokenizer-ckpt", str(text), "--out", str(root / "tokens"), *world["flags"]],
+            [f"var-lab tokenize: error: --tokenizer-ckpt {text} is not a checkpoint", "`var-lab fit-tokenizer`"],
+        ),
+        "config-is-a-folder": (
+            ["fit", "--config", str(root)],
+            [f"var-lab fit: error: config file {root} is a folder, not a YAML file", "configs/*.yaml"],
+        ),
+        "config-is-empty": (
+            ["fit", "--config", str(root / "empty.yaml")],
+            [f"config file {root / 'empty.yaml'} is empty", "leave --config out"],
+        ),
+        "eval-zero-samples": (
+            ["eval", "--checkpoint", ckpt, "--num-samples", "0", "--per-class", "1", "--no-mlflow"],
+            ["var-lab eval: error: argument --num-samples: 0 is not allowed; give a whole number >= 1"],
+        ),
+        "eval-negative-samples": (
+            ["eval", "--checkpoint", ckpt, "--num-samples", "-3", "--per-class", "1", "--no-mlflow"],
+            ["var-lab eval: error: argument --num-samples: -3 is not allowed; give a whole number >= 1"],
+        ),
+        "fit-output-under-a-file": (
+            [*fit_existing, "--output_dir", under_file],
+            [f"output_dir {under_file} cannot be created: {text} is a file", "pass another output_dir"],
+        ),
+        "fit-output-unwritable": (  # root may write anywhere, but nothing can be created under /proc
+            [*fit_existing, "--output_dir", "/proc/var-lab-test/out"],
+            ["output_dir /proc/var-lab-test/out is not writable", "pass another output_dir"],
+        ),
+        "fit-output-is-a-file": (
+            [*fit_existing, "--output_dir", str(text)],
+            [f"output_dir {text} is a file, not a folder", "pass another output_dir"],
+        ),
+        "tokenize-output-under-a-file": (
+            ["tokenize", "--tokenizer-ckpt", str(root / "tokenizer.pth"), "--out", under_file, *world["flags"]],
+            [f"var-lab tokenize: error: --out {under_file} cannot be created: {text} is a file", "another --out"],
+        ),
+        "analyze-output-is-a-file": (
+            ["analyze", "--experiment", "bad-input", "--out", str(text)],
+            [f"var-lab analyze: error: --out {text} is a file, not a folder", "pass another --out"],
+        ),
+        "analyze-output-under-a-file": (
+            ["analyze", "--experiment", "bad-input", "--out", under_file],
+            [f"var-lab analyze: error: --out {under_file} cannot be created: {text} is a file"],
+        ),
+        "sweep-output-root-under-a-file": (
+            ["sweep", "launch", str(REPO_ROOT / "sweeps" / "demo_cpu.yaml"), "--output-root", under_file],
+            [f"var-lab sweep: error: sweep folder {under_file}/demo_cpu cannot be created", "--output-root"],
+        ),
+        "fit-negative-depth": (  # in an empty working directory with the default output_dir (outputs/var)
+            ["fit", "--model.depth", "-3"],
+            ["var-lab fit: error: model.depth=-3 is invalid: the depth must be an integer >= 1"],
+        ),
+        "fit-mistyped-option": (
+            ["fit", "--model.depht", "3"],
+            ["var-lab fit: error: unknown option --model.depht; did you mean --model.depth?", "--help"],
+        ),
+        "fit-truncated-token-shard": (
+            [
+                *fit_existing,
+                "--data.name",
+                "tokens",
+                "--data.token_dir",
+                str(root / "tokens_truncated"),
+                "--output_dir",
+                str(tmp_path / "tokens_run"),
+            ],  # fmt: skip
+            [
+                f"token shard {root / 'tokens_truncated' / 'train' / 'shard_00001.pt'} is truncated or corrupt",
+                f"re-encode it with `var-lab tokenize --tokenizer-ckpt {root / 'tokenizer.pth'} --out "
+                f"{root / 'tokens_truncated'} --split train",
+            ],  # fmt: skip
+        ),
+    }
+    return cases[name]
+
+
+BAD_INPUT_CASES = [
+    "sample-missing-checkpoint", "sample-text-checkpoint", "eval-text-checkpoint", "fit-text-tokenizer",
+    "fit-text-resume", "fit-tokenizer-text-resume", "tokenize-text-tokenizer", "config-is-a-folder",
+    "config-is-empty", "eval-zero-samples", "eval-negative-samples", "fit-output-under-a-file",
+    "fit-output-unwritable", "fit-output-is-a-file", "tokenize-output-under-a-file", "analyze-output-is-a-file",
+    "analyze-output-under-a-file", "sweep-output-root-under-a-file", "fit-negative-depth", "fit-mistyped-option",
+    "fit-truncated-token-shard",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BAD_INPUT_CASES)
+def test_bad_input_through_the_real_cli_is_one_line_and_touches_nothing(world, name, tmp_path):
+    argv, needles = _case(world, name, tmp_path)
+    before = _snapshot(world["root"])
+    cwd = tmp_path / "cwd"  # an empty working directory: relative defaults (outputs/var, samples) land here
+    cwd.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "var_lab.cli", *argv],
+        cwd=cwd,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in last, f"{needle!r} not in the last line {last!r}"
+    assert _snapshot(world["root"]) == before  # nothing already written is touched, nothing is added
+    assert not list(cwd.iterdir())
+    if name == "fit-mistyped-option":  # the error comes first, not after the usage
+        assert proc.stderr.strip().splitlines()[0] == last
+    if name == "fit-truncated-token-shard":  # refused at start-up, before any training step
+        assert not (tmp_path / "tokens_run" / "checkpoints").exists()

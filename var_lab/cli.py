@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module and is imported only when called, so ``var-lab --help`` is fast and a
 subcommand's heavy imports (torch, mlflow, torch-fidelity) are paid only by that subcommand. Every subcommand
-function takes the remaining argv and returns an exit code.
+function takes the remaining argv and returns an exit code; a ``BadInputError`` (``var_lab.inputs``) it raises is
+printed as one line, ``var-lab <command>: error: <message>``, with exit code 2.
 """
 
 from __future__ import annotations
@@ -53,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     target, _ = SUBCOMMANDS[name]
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
-    code = func(rest)
+    from var_lab.inputs import BadInputError, report
+
+    try:
+        code = func(rest)
+    except BadInputError as error:  # raised before the command wrote anything: the message is the whole story
+        return report(f"var-lab {name}", error)
     return int(code or 0)
 
 

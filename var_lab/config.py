@@ -8,6 +8,7 @@ properties, never fields.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -317,7 +318,9 @@ def from_dict(cls: type, data: dict, source: str = "<config>") -> Any:
             key_path = f"{path}.{key}" if path else key
             if key not in fields:
                 allowed = ", ".join(sorted(fields))
-                raise ValueError(f"{source}: unknown key '{key_path}'; allowed keys here: {allowed}")
+                close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+                hint = f"; did you mean '{path + '.' if path else ''}{close[0]}'?" if close else ""
+                raise ValueError(f"{source}: unknown key '{key_path}'; allowed keys here: {allowed}{hint}")
             default = getattr(kind(), key) if _has_default(fields[key]) else None
             if dataclasses.is_dataclass(default):
                 kwargs[key] = build(type(default), item, key_path)

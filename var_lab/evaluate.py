@@ -40,6 +40,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from var_lab.atomic import write_atomic
+from var_lab.inputs import ArgumentParser, BadInputError, check_output_dir, positive_int
 from var_lab.metrics.fid import (
     DatasetImages,
     FolderImages,
@@ -729,24 +730,28 @@ def _parse_metrics(text: str) -> tuple[str, ...]:
 
 def eval_main(argv: list[str]) -> int:
     """``var-lab eval``: class-balanced samples on every rank -> FID/KID/IS/precision/recall -> metrics.json, MLflow."""
-    parser = argparse.ArgumentParser(prog="var-lab eval", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="var-lab eval", description=__doc__.split("\n\n")[0])
     model = parser.add_argument_group("model (one of)")
     model.add_argument("--checkpoint", help="a var-lab fit checkpoint (.ckpt)")
     model.add_argument("--release-var", help="a released var_d{16,20,24,30}.pth (with --release-tokenizer)")
     model.add_argument("--release-tokenizer", help="the released vae_ch160v4096z32.pth")
     model.add_argument("--depth", type=int, help="expected depth of --release-var")
-    parser.add_argument("--per-class", type=int, default=50, help="images per class (release protocol: 50)")
-    parser.add_argument("--num-samples", type=int, help="total images instead of --per-class x classes (balanced)")
+    parser.add_argument("--per-class", type=positive_int, default=50, help="images per class (release protocol: 50)")
+    parser.add_argument(
+        "--num-samples", type=positive_int, help="total images instead of --per-class x classes (balanced)"
+    )
     parser.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance ratio")
     parser.add_argument("--top-k", type=int, default=900, help="top-k sampling (0: off)")
     parser.add_argument("--top-p", type=float, default=0.96, help="top-p sampling (0: off)")
     parser.add_argument("--seed", type=int, default=0, help="base seed (per batch: derived from seed and position)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per sampling batch per rank")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per sampling batch per rank")
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"), help="sampling on CUDA")
     parser.add_argument("--metrics", default="fid,kid,prc,auto", help="fid,kid,prc,is; auto adds IS when possible")
-    parser.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (capped at N)")
+    parser.add_argument("--kid-subset-size", type=positive_int, default=1000, help="KID subset size (capped at N)")
     parser.add_argument("--weights", help="FID Inception weights (default: $TORCH_HOME/hub/checkpoints/...)")
-    parser.add_argument("--feature-batch-size", type=int, default=200, help="images per Inception forward pass")
+    parser.add_argument(
+        "--feature-batch-size", type=positive_int, default=200, help="images per Inception forward pass"
+    )
     parser.add_argument("--device", help="cuda, cuda:1 or cpu (default: this rank's GPU, else the CPU)")
     parser.add_argument("--out", help="output folder (default: eval_<step>_cfg<cfg> next to the checkpoint)")
     parser.add_argument("--save-png", action="store_true", help="write images/{i:06d}.png (the release's layout)")
@@ -764,6 +769,9 @@ def eval_main(argv: list[str]) -> int:
     device, started = _init_distributed(args.device)
     rank, world = distributed_context()
     try:
+        from var_lab.sampling_cli import check_model_args
+
+        check_model_args(args)  # a bad checkpoint path is named before the weights are looked for
         metrics = _parse_metrics(args.metrics)
         info_w = weights_info(args.weights)  # fails early, naming the command that installs the weights
         skipped: dict[str, str] = {}
@@ -775,11 +783,11 @@ def eval_main(argv: list[str]) -> int:
                 skipped["is"] = f"the weights {info_w.path} have no classifier (converted); IS needs the original"
                 if rank == 0:
                     print(f"var-lab eval: Inception Score skipped: {skipped['is']}", file=sys.stderr)
+        var, info, model_params = _load_model(args, device)
         extractor = InceptionFeatures(
             args.weights, device=device, batch_size=args.feature_batch_size, with_logits="is" in metrics
         )
-        var, info, model_params = _load_model(args, device)
-        num_samples = args.num_samples or args.per_class * var.num_classes
+        num_samples = args.num_samples if args.num_samples is not None else args.per_class * var.num_classes
         sampling = SamplingConfig(
             num_samples=num_samples,
             num_classes=var.num_classes,
@@ -796,6 +804,7 @@ def eval_main(argv: list[str]) -> int:
             out = Path(args.checkpoint).resolve().parent / f"eval_step{step}_cfg{args.cfg:g}_n{num_samples}"
         else:
             out = Path("eval_out") / f"release_d{var.depth}_cfg{args.cfg:g}_n{num_samples}"
+        check_output_dir(out, "--out")
         fit_data = (info.get("fit_config") or {}).get("data")
         # Rank 0 checks the reference before hours of sampling; the statistics are computed (or read from the cache)
         # after sampling. The other ranks learn about a bad reference through the broadcast instead of hanging.
@@ -841,6 +850,8 @@ def eval_main(argv: list[str]) -> int:
             print(json.dumps({"metrics": result.metrics, "seconds": result.seconds}, indent=2))
             if not args.no_mlflow:
                 _log_cli_result(args, result, sampling, info, model_params, step, var)
+    except BadInputError:
+        raise  # var_lab.cli reports it (exit 2)
     except (MissingInceptionWeightsError, InceptionScoreUnavailableError, FileNotFoundError, ValueError) as error:
         print(f"var-lab eval: {error}", file=sys.stderr)
         return 1

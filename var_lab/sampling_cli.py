@@ -2,10 +2,35 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
+
+from var_lab.inputs import (
+    RELEASE_FIX,
+    VAR_CKPT_FIX,
+    ArgumentParser,
+    BadInputError,
+    check_checkpoint_file,
+    check_output_dir,
+    checkpoint_load_errors,
+    positive_int,
+)
+
+
+def check_model_args(args) -> None:
+    """Refuse missing, unreadable or non-checkpoint model files before anything is loaded (cheap: no torch.load).
+
+    Raises:
+        BadInputError: naming the option, the file and what to pass instead.
+    """
+    if args.checkpoint:
+        check_checkpoint_file(args.checkpoint, "--checkpoint", VAR_CKPT_FIX)
+        return
+    if not (args.release_var and args.release_tokenizer):
+        raise BadInputError("give --checkpoint CKPT, or both --release-var PATH and --release-tokenizer PATH")
+    for flag, path in (("--release-var", args.release_var), ("--release-tokenizer", args.release_tokenizer)):
+        check_checkpoint_file(path, flag, RELEASE_FIX)
 
 
 def load_any_var(args) -> tuple:
@@ -15,14 +40,15 @@ def load_any_var(args) -> tuple:
     0 for a released checkpoint).
 
     Raises:
-        ValueError: neither a checkpoint nor both released files were given.
+        BadInputError: neither a checkpoint nor both released files were given, or a given file is missing, not a
+            checkpoint, or truncated.
     """
+    check_model_args(args)  # before the heavy imports
     if args.checkpoint:
         from var_lab.modules.var import load_var_checkpoint
 
-        return load_var_checkpoint(args.checkpoint, map_location="cpu")
-    if not (args.release_var and args.release_tokenizer):
-        raise ValueError("give --checkpoint CKPT, or both --release-var PATH and --release-tokenizer PATH")
+        with checkpoint_load_errors(args.checkpoint, "--checkpoint", VAR_CKPT_FIX):
+            return load_var_checkpoint(args.checkpoint, map_location="cpu")
     from var_lab.models import load_release_tokenizer, load_release_var
 
     vqvae = load_release_tokenizer(args.release_tokenizer)
@@ -32,28 +58,26 @@ def load_any_var(args) -> tuple:
 
 def sample_main(argv: list[str]) -> int:
     """Sample ``--per-class`` images of each class in ``--classes`` and save a grid and the single images."""
-    parser = argparse.ArgumentParser(prog="var-lab sample", description=__doc__)
+    parser = ArgumentParser(prog="var-lab sample", description=__doc__)
     parser.add_argument("--checkpoint", help="a var-lab fit checkpoint (.ckpt)")
     parser.add_argument("--release-var", help="a released var_d{16,20,24,30}.pth")
     parser.add_argument("--release-tokenizer", help="the released vae_ch160v4096z32.pth")
     parser.add_argument("--depth", type=int, default=None, help="expected depth of --release-var")
     parser.add_argument("--classes", type=int, nargs="*", default=None, help="class labels (default: the first 8)")
-    parser.add_argument("--per-class", type=int, default=4, help="images per class")
+    parser.add_argument("--per-class", type=positive_int, default=4, help="images per class")
     parser.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance ratio")
     parser.add_argument("--top-k", type=int, default=900, help="top-k sampling (0: off)")
     parser.add_argument("--top-p", type=float, default=0.96, help="top-p sampling (0: off)")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     parser.add_argument("--out", default="samples", help="output folder (grid.png and images/)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     from torchvision.utils import save_image
     from tqdm import tqdm
 
-    try:
-        vqvae, var, _ = load_any_var(args)
-    except ValueError as error:
-        raise SystemExit(f"var-lab sample: {error}") from None
+    check_output_dir(args.out, "--out")  # before minutes of sampling
+    vqvae, var, _ = load_any_var(args)  # a BadInputError is reported by var_lab.cli
     device = torch.device(args.device)
     vqvae.to(device)
     var.to(device)

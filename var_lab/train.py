@@ -22,6 +22,14 @@ import yaml
 
 from var_lab.atomic import write_atomic
 from var_lab.config import FitConfig, FitTokenizerConfig, TrainerConfig, from_dict, to_dict
+from var_lab.inputs import (
+    TOKENIZER_CKPT_FIX,
+    BadInputError,
+    check_checkpoint_file,
+    check_option_names,
+    check_output_dir,
+    checkpoint_load_errors,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------- CLI
@@ -30,54 +38,75 @@ def build_parser(cls: type, prog: str, description: str):
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(prog=prog, description=description, default_env=False, exit_on_error=True)
+    # exit_on_error=False: parse_config reports errors in one line instead of after the whole usage
+    parser = ArgumentParser(prog=prog, description=description, default_env=False, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
     parser.add_class_arguments(cls, nested_key=None, fail_untyped=False)
     return parser
 
 
 def check_config_file(cls: type, path: str) -> None:
-    """Refuse a ``--config`` file that is missing, not valid YAML, or holds keys the config does not have.
+    """Refuse a ``--config`` file that is missing, a folder, empty, not valid YAML, or holds keys the config lacks.
 
     jsonargparse would report these too, but without the file, the line or the key path.
 
     Raises:
-        ValueError: naming the file and the line (malformed YAML) or the key path and the allowed keys.
+        BadInputError: naming the file and the line (malformed YAML) or the key path and the allowed keys.
     """
     file = Path(path)
+    fix = "pass a YAML file of run options (examples: configs/*.yaml)"
+    if file.is_dir():
+        raise BadInputError(f"config file {path} is a folder, not a YAML file; {fix}")
     if not file.is_file():
-        raise ValueError(f"config file {path} does not exist")
+        raise BadInputError(f"config file {path} does not exist; {fix}")
     try:
-        data = yaml.safe_load(file.read_text())
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadInputError(f"config file {path} cannot be read ({err}); {fix}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
         context = getattr(err, "context", None)
-        raise ValueError(f"{path}: malformed YAML{where}: {problem}" + (f" ({context})" if context else "")) from err
+        raise BadInputError(f"{path}: malformed YAML{where}: {problem}" + (f" ({context})" if context else "")) from err
     if data is None:
-        return
+        raise BadInputError(f"config file {path} is empty (no options in it); {fix}, or leave --config out")
     if isinstance(data, dict):
         # A section may be given as the path of another YAML file (jsonargparse reads it); only mappings are checked.
         defaults = cls()
         sections = {f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(getattr(defaults, f.name))}
         data = {key: value for key, value in data.items() if not (key in sections and isinstance(value, str))}
-    from_dict(cls, data, str(path))
+    try:
+        from_dict(cls, data, str(path))
+    except ValueError as err:
+        raise BadInputError(str(err)) from None
 
 
 def parse_config(cls: type, argv: list[str], prog: str, description: str):
-    """Parse argv into a config dataclass instance (exits with 2 and a message naming the file/key on bad input)."""
-    for index, arg in enumerate(argv):
-        path = argv[index + 1] if arg == "--config" and index + 1 < len(argv) else None
-        path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
-        if path is not None:
-            try:
-                check_config_file(cls, path)
-            except ValueError as err:
-                print(f"{prog}: error: {err}", file=sys.stderr)
-                raise SystemExit(2) from None
+    """Parse argv into a config dataclass instance.
+
+    Bad input (a missing, empty or malformed ``--config`` file, an unknown key or option, a value of the wrong type)
+    exits with 2 and one line on stderr naming the file, key or option (and the nearest valid name for a typo).
+    """
+    from jsonargparse import ArgumentError
+
     parser = build_parser(cls, prog, description)
-    ns = parser.instantiate_classes(parser.parse_args(argv))
+    try:
+        check_option_names(parser, argv)
+        for index, arg in enumerate(argv):
+            path = argv[index + 1] if arg == "--config" and index + 1 < len(argv) else None
+            path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
+            if path is not None:
+                check_config_file(cls, path)
+        ns = parser.instantiate_classes(parser.parse_args(argv))
+    except (BadInputError, ArgumentError) as err:
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        if isinstance(err, ArgumentError):
+            message += f" ({prog} --help lists every option)"
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
     return cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)})
 
 
@@ -110,12 +139,15 @@ def find_resume_checkpoint(ckpt_dir: Path) -> Optional[Path]:
     return None
 
 
+RESUME_FIX = "pass --resume auto (the newest checkpoint in output_dir), never (start afresh) or a .ckpt of var-lab"
+
+
 def resolve_resume(resume: str, output_dir: Path) -> Optional[str]:
     """The checkpoint to resume from (``resume``: auto, never or a path), or None to start from scratch.
 
     Raises:
-        FileNotFoundError: an explicit path that does not exist.
-        ValueError: an explicit path, or with ``auto`` every checkpoint of the run, is truncated or corrupt.
+        BadInputError: an explicit path that is missing, not a checkpoint, truncated or corrupt.
+        ValueError: with ``auto``, every checkpoint of the run is truncated or corrupt.
     """
     ckpt_dir = output_dir / "checkpoints"
     if global_rank() == 0:
@@ -139,11 +171,9 @@ def resolve_resume(resume: str, output_dir: Path) -> Optional[str]:
                 "--resume never to start it again from scratch (a new MLflow run), or --resume PATH"
             )
         return str(found) if found else None
-    path = Path(resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"resume checkpoint not found: {path}")
+    path = check_checkpoint_file(resume, "resume checkpoint", RESUME_FIX)
     if not checkpoint_is_readable(path):
-        raise ValueError(f"resume checkpoint {path} is truncated or corrupt")
+        raise BadInputError(f"resume checkpoint {path} is truncated or corrupt; {RESUME_FIX}")
     return str(path)
 
 
@@ -255,13 +285,13 @@ def check_patch_schedule(tokenizer_cfg, data_cfg) -> None:
     """Refuse a scale schedule the tokenizer cannot produce for the data.
 
     Raises:
-        ValueError: ``tokenizer.patch_nums`` not strictly increasing positive integers (at least two), or (for image
+        BadInputError: ``tokenizer.patch_nums`` not strictly increasing positive integers (at least two), or (for image
             data) its last side differs from the latent side ``data.resolution / 2 ** (len(ch_mult) - 1)``.
     """
     patch_nums = list(tokenizer_cfg.patch_nums)
     valid = all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in patch_nums)
     if len(patch_nums) < 2 or not valid or any(b <= a for a, b in zip(patch_nums, patch_nums[1:])):
-        raise ValueError(
+        raise BadInputError(
             f"tokenizer.patch_nums={patch_nums} is invalid: it must list at least two strictly increasing positive "
             "scale sides, smallest first, the last one equal to the latent side (e.g. [1, 2, 3, 4, 6, 8] for 32px "
             "images with ch_mult [1, 2, 2])"
@@ -271,7 +301,7 @@ def check_patch_schedule(tokenizer_cfg, data_cfg) -> None:
     down = 2 ** (len(tokenizer_cfg.ch_mult) - 1)
     resolution = data_cfg.resolution
     if resolution % down or resolution // down != patch_nums[-1]:
-        raise ValueError(
+        raise BadInputError(
             f"tokenizer.patch_nums ends at {patch_nums[-1]}, but {resolution}px images (data.resolution) give a "
             f"{resolution / down:g} x {resolution / down:g} latent with tokenizer.ch_mult "
             f"{list(tokenizer_cfg.ch_mult)} (downsampling {down}): the last scale must equal the latent side. Use "
@@ -281,13 +311,40 @@ def check_patch_schedule(tokenizer_cfg, data_cfg) -> None:
 
 
 def check_fit_config(cfg: FitConfig) -> None:
-    """Refuse an invalid depth or scale schedule before anything is loaded (the message names the key)."""
+    """Refuse an invalid depth or scale schedule before anything is loaded (``BadInputError`` naming the key)."""
     depth = cfg.model.depth
     if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-        raise ValueError(
+        raise BadInputError(
             f"model.depth={depth!r} is invalid: the depth must be an integer >= 1 (width = 64 * depth, heads = depth)"
         )
     check_patch_schedule(cfg.tokenizer, cfg.data)
+
+
+def check_run_paths(cfg: Any) -> None:
+    """Refuse an unusable ``resume`` path or ``output_dir`` of a training run, before anything is written.
+
+    Raises:
+        BadInputError: naming the option, the path and what to pass instead.
+    """
+    if cfg.resume not in ("auto", "never"):
+        check_checkpoint_file(cfg.resume, "resume checkpoint", RESUME_FIX)
+    check_output_dir(Path(cfg.output_dir).resolve(), "output_dir")
+
+
+def check_fit_inputs(cfg: FitConfig) -> None:
+    """Every check of ``var-lab fit`` that needs no model or data: depth, scales, checkpoint paths, output folder."""
+    check_fit_config(cfg)
+    if cfg.tokenizer_ckpt:
+        check_checkpoint_file(cfg.tokenizer_ckpt, "tokenizer_ckpt", TOKENIZER_CKPT_FIX)
+    check_run_paths(cfg)
+
+
+def check_fit_tokenizer_inputs(cfg: FitTokenizerConfig) -> None:
+    """Every check of ``var-lab fit-tokenizer`` that needs no data: data kind, scales, resume path, output folder."""
+    if cfg.data.name == "tokens":
+        raise BadInputError("fit-tokenizer trains on images: data.name must be fashion_mnist or folder, not tokens")
+    check_patch_schedule(cfg.tokenizer, cfg.data)
+    check_run_paths(cfg)
 
 
 def check_resume_compatible(ckpt_path: str, cfg: Any, keys: dict[str, tuple[str, ...]]) -> None:
@@ -394,12 +451,15 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     from var_lab.resilience import PreemptionCallback
 
     output_dir = Path(cfg.output_dir).resolve()
-    check_fit_config(cfg)
+    check_fit_inputs(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    vqvae = load_tokenizer(cfg.tokenizer_ckpt, cfg.tokenizer) if cfg.tokenizer_ckpt else build_vqvae(cfg.tokenizer)
-    if not cfg.tokenizer_ckpt:
+    if cfg.tokenizer_ckpt:
+        with checkpoint_load_errors(cfg.tokenizer_ckpt, "tokenizer_ckpt", TOKENIZER_CKPT_FIX):
+            vqvae = load_tokenizer(cfg.tokenizer_ckpt, cfg.tokenizer)
+    else:
+        vqvae = build_vqvae(cfg.tokenizer)
         warnings.warn("no tokenizer_ckpt given: training on an untrained (random) tokenizer", stacklevel=2)
     datamodule = build_datamodule(cfg.data, tokenizer=vqvae)
     if cfg.model.num_classes is None:
@@ -448,6 +508,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
 def fit_main(argv: list[str]) -> int:
     """``var-lab fit``: train a VAR transformer of a given depth."""
     cfg = parse_config(FitConfig, argv, "var-lab fit", "Train a VAR transformer (size knob: --model.depth).")
+    check_fit_inputs(cfg)  # a BadInputError here leaves everything as it was (var_lab.cli reports it)
     return _run(cfg, Path(cfg.output_dir).resolve(), "fit", lambda: fit(cfg))
 
 
@@ -462,9 +523,7 @@ def fit_tokenizer(cfg: FitTokenizerConfig) -> dict[str, Any]:
 
     output_dir = Path(cfg.output_dir).resolve()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.data.name == "tokens":
-        raise ValueError("fit-tokenizer trains on images: data.name must be fashion_mnist or folder, not tokens")
-    check_patch_schedule(cfg.tokenizer, cfg.data)
+    check_fit_tokenizer_inputs(cfg)
     datamodule = build_datamodule(cfg.data)
     ckpt_path = resolve_resume(cfg.resume, output_dir)  # before the logger (see fit)
     if ckpt_path:
@@ -493,4 +552,5 @@ def fit_tokenizer(cfg: FitTokenizerConfig) -> dict[str, Any]:
 def fit_tokenizer_main(argv: list[str]) -> int:
     """``var-lab fit-tokenizer``: train the multi-scale VQVAE tokenizer."""
     cfg = parse_config(FitTokenizerConfig, argv, "var-lab fit-tokenizer", "Train the multi-scale VQVAE tokenizer.")
+    check_fit_tokenizer_inputs(cfg)
     return _run(cfg, Path(cfg.output_dir).resolve(), "fit-tokenizer", lambda: fit_tokenizer(cfg))

@@ -55,6 +55,14 @@ from var_lab.data.tokens import (
     token_dtype,
     tokenizer_fingerprint,
 )
+from var_lab.inputs import (
+    TOKENIZER_CKPT_FIX,
+    BadInputError,
+    check_checkpoint_file,
+    check_option_names,
+    check_output_dir,
+    checkpoint_load_errors,
+)
 
 SPLITS = ("train", "val")
 
@@ -421,8 +429,10 @@ def _load_tokenizer(path: str, model_config: TokenizerModelConfig) -> nn.Module:
     # A Lightning checkpoint carries its own architecture and load_tokenizer rejects a differing one, so the
     # --tokenizer.* options count only when the user changed them (they then describe a plain state dict).
     given = None if model_config == TokenizerModelConfig() else model_config
+    check_checkpoint_file(path, "--tokenizer-ckpt", TOKENIZER_CKPT_FIX)
     try:
-        return load_tokenizer(path, given)
+        with checkpoint_load_errors(path, "--tokenizer-ckpt", TOKENIZER_CKPT_FIX):
+            return load_tokenizer(path, given)
     except ReleaseFormatError as err:
         raise ValueError(f"{err}; pass the --tokenizer.* options of the architecture the file was saved with") from err
 
@@ -430,6 +440,11 @@ def _load_tokenizer(path: str, model_config: TokenizerModelConfig) -> nn.Module:
 def tokenize_main(argv: list[str]) -> int:
     """Entry point of ``var-lab tokenize``; returns the exit code."""
     parser = build_parser()
+    try:
+        check_option_names(parser, argv)  # a typo gets one line with the nearest option, not the whole usage first
+    except BadInputError as err:
+        print(f"var-lab tokenize: error: {err}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     data_config = DataConfig(**vars(args.data)) if not isinstance(args.data, DataConfig) else args.data
     model_config = args.tokenizer
@@ -444,6 +459,7 @@ def tokenize_main(argv: list[str]) -> int:
         created_group = True
     rank = _distributed()[0]
     try:
+        check_output_dir(args.out, "--out")
         vqvae = _load_tokenizer(args.tokenizer_ckpt, model_config)
         device = None if args.device == "auto" else args.device
         manifests = tokenize_dataset(
@@ -460,6 +476,9 @@ def tokenize_main(argv: list[str]) -> int:
             tokenizer_ckpt=str(Path(args.tokenizer_ckpt).resolve()),
             progress=args.progress,
         )
+    except BadInputError as err:
+        print(f"var-lab tokenize: error: {err}", file=sys.stderr)
+        return 2
     except (TokenCacheError, FileNotFoundError, ValueError) as err:
         print(f"var-lab tokenize: error: {err}", file=sys.stderr)
         return 1

@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 
 from var_lab.config import DataConfig
 from var_lab.data.folders import SplitDataModule, limit_dataset
+from var_lab.inputs import short_reason
 
 MANIFEST_NAME = "manifest.json"
 CACHE_FORMAT = "var-lab-token-cache"
@@ -191,18 +192,47 @@ def load_shard(path: str | os.PathLike, mmap: bool = True) -> dict:
     return shard
 
 
+def tokenize_command(token_dir: str | os.PathLike, manifest: dict) -> str:
+    """The ``var-lab tokenize`` command that (re)writes the split of ``manifest``, from what the manifest records.
+
+    Re-running it keeps the finished shards and re-encodes missing or unreadable ones.
+    """
+    split = manifest.get("split", "train")
+    parts = ["var-lab tokenize", f"--tokenizer-ckpt {manifest.get('tokenizer_ckpt') or 'TOKENIZER'}"]
+    parts += [f"--out {token_dir}", f"--split {split}", f"--data.name {manifest.get('dataset', 'DATASET')}"]
+    if manifest.get("root"):
+        parts.append(f"--data.root {manifest['root']}")
+    if manifest.get("resolution"):
+        parts.append(f"--data.resolution {manifest['resolution']}")
+    if manifest.get("limit") is not None:
+        parts.append(f"--data.limit_{split} {manifest['limit']}")
+    for key, flag, default in (("shard_size", "--shard-size", 4096), ("augment_copies", "--augment-copies", 1),
+                               ("seed", "--seed", 0)):  # fmt: skip
+        if manifest.get(key, default) != default:
+            parts.append(f"{flag} {manifest[key]}")
+    if not str(manifest.get("tokenizer_ckpt") or "").endswith(".ckpt"):
+        parts.append("[the --tokenizer.* options used before]")  # a plain state dict does not carry its architecture
+    return " ".join(parts)
+
+
 class TokenShardDataset(Dataset):
     """One split of a token cache; items are ``(idx_L int64, label int)``.
 
-    Shards are memory-mapped on first access in each process (DataLoader workers open their own maps).
+    Every shard is opened (memory-mapped) and checked against the manifest when the dataset is built, so a truncated
+    or foreign shard stops a run at start-up, naming the file and the command that rewrites it, not mid-training.
+    DataLoader workers open their own maps.
 
     Args:
         token_dir: the cache folder given to ``var-lab tokenize --out``.
         split: ``train`` or ``val``.
         manifest: the split's manifest (read when None).
+        verify: open and check every shard now (else on first access).
+
+    Raises:
+        TokenCacheError: a shard is missing, unreadable or belongs to another cache.
     """
 
-    def __init__(self, token_dir: str | os.PathLike, split: str, manifest: Optional[dict] = None):
+    def __init__(self, token_dir: str | os.PathLike, split: str, manifest: Optional[dict] = None, verify: bool = True):
         self.token_dir = Path(token_dir)
         self.split = split
         self.manifest = manifest if manifest is not None else read_manifest(token_dir, split)
@@ -215,24 +245,37 @@ class TokenShardDataset(Dataset):
         if missing:
             raise TokenCacheError(
                 f"token cache {self.token_dir / split} lacks {len(missing)} shard(s) listed in its manifest "
-                f"(e.g. {missing[0]}); re-run `var-lab tokenize` with the same arguments to re-encode them"
+                f"(e.g. {missing[0]}); re-encode them with `{tokenize_command(self.token_dir, self.manifest)}` "
+                "(finished shards are kept)"
             )
         self._shards: dict[int, dict] = {}
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
+        if verify:
+            for s in range(len(self.shard_files)):
+                self._shard(s)  # memory-mapped: reads each file's index, not its rows
 
     def _shard(self, s: int) -> dict:
         shard = self._shards.get(s)
         if shard is None:
-            shard = load_shard(self.shard_files[s])
+            path = self.shard_files[s]
+            try:
+                shard = load_shard(path)
+            except TokenCacheError as err:
+                cause = short_reason(err.__cause__ or err)
+                raise TokenCacheError(
+                    f"token shard {path} is truncated or corrupt ({cause}); re-encode it with "
+                    f"`{tokenize_command(self.token_dir, self.manifest)}` (only the broken shards are rewritten)"
+                ) from err
             if shard["fingerprint"] != self.manifest["fingerprint"] or int(shard["count"]) != self.shard_counts[s]:
                 raise TokenCacheError(
-                    f"{self.shard_files[s]} does not belong to its manifest (fingerprint {shard['fingerprint']} vs "
-                    f"{self.manifest['fingerprint']}, count {shard['count']} vs {self.shard_counts[s]})"
+                    f"{path} does not belong to its manifest (fingerprint {shard['fingerprint']} vs "
+                    f"{self.manifest['fingerprint']}, count {shard['count']} vs {self.shard_counts[s]}); re-encode it "
+                    f"with `{tokenize_command(self.token_dir, self.manifest)} --overwrite true`"
                 )
             self._shards[s] = shard
         return shard
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < len(self):
@@ -265,7 +308,8 @@ class TokenDataModule(SplitDataModule):
         expected_fingerprint: alternatively, the fingerprint string the cache must carry.
 
     Raises:
-        TokenCacheError: when the cache is missing or incomplete.
+        TokenCacheError: when the cache is missing or incomplete, or a shard is truncated or corrupt (every shard is
+            checked here, at start-up).
         TokenizerMismatchError: when a fingerprint differs (the message names both and the cache folder).
     """
 
@@ -293,6 +337,10 @@ class TokenDataModule(SplitDataModule):
                 f"{train['resolution']}px images; using the cache's resolution",
                 stacklevel=2,
             )
+        # Every shard is checked now, at start-up, before a logger or trainer exists (see TokenShardDataset).
+        self._datasets = {
+            split: TokenShardDataset(self.token_dir, split, manifest) for split, manifest in self.manifests.items()
+        }
         self.train_dataset: Optional[Dataset] = None
         self.val_dataset: Optional[Dataset] = None
 
@@ -326,13 +374,11 @@ class TokenDataModule(SplitDataModule):
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit") and self.train_dataset is None:
-            dataset = TokenShardDataset(self.token_dir, "train", self.manifests["train"])
-            self.train_dataset = limit_dataset(dataset, self.config.limit_train)
+            self.train_dataset = limit_dataset(self._datasets["train"], self.config.limit_train)
         if stage in (None, "fit", "validate") and self.val_dataset is None:
             if "val" not in self.manifests:
                 raise TokenCacheError(
                     f"token cache {self.token_dir} has no val split; run `var-lab tokenize --split val --out "
                     f"{self.token_dir} ...`"
                 )
-            dataset = TokenShardDataset(self.token_dir, "val", self.manifests["val"])
-            self.val_dataset = limit_dataset(dataset, self.config.limit_val)
+            self.val_dataset = limit_dataset(self._datasets["val"], self.config.limit_val)

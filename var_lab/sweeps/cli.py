@@ -106,6 +106,12 @@ def sweep_main(argv: Optional[list[str]] = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     plan = _plan(args)
+    from var_lab.inputs import check_output_dir
+
+    # Before any run folder or claim is written; a dry run, status and cancel only read it.
+    writes = (args.command in ("launch", "resume") and not args.dry_run) or (args.command == "expand" and args.write)
+    fix = "pass another --output-root (or change output_root in the sweep file)"
+    check_output_dir(plan.sweep_dir, "sweep folder", fix, writable=writes)
     if args.command == "expand":
         from var_lab.sweeps.expand import config_yaml, format_points_table
 
