@@ -18,6 +18,8 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from var_lab.cli import main as cli_main
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 8  # limit_train 64 / batch_size 8
 EPOCHS = 2
@@ -219,6 +221,53 @@ def test_truncated_last_checkpoint_falls_back_to_the_previous_one_with_a_warning
         path.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"every checkpoint in .*checkpoints is truncated or corrupt.*--resume never"):
         fit(cfg)
+
+
+def test_keep_checkpoints_holds_after_a_kill_before_the_first_last_checkpoint(tmp_path, fashion_mnist_dir):
+    """A SIGKILL between the first step checkpoint and the first last.ckpt: the resumed run starts from that step
+    checkpoint, and still ends with keep_checkpoints step checkpoints, not one more."""
+    config = tiny_run_config(tmp_path / "run", "none", "keep")
+    config["trainer"].update(max_steps=1, val_check_interval=None, keep_checkpoints=2)
+    config_path = write_config(tmp_path / "run.yaml", config)
+    assert cli_main(["fit", "--config", str(config_path)]) == 0
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    # What the kill leaves: step00000001.ckpt only (Lightning writes it before last.ckpt; the epoch-end save of
+    # this 1-step run would come later still).
+    for path in ckpt_dir.glob("*.ckpt"):
+        if path.name != "step00000001.ckpt":
+            path.unlink()
+    (tmp_path / "run" / "DONE").unlink()
+    assert cli_main(["fit", "--config", str(config_path), "--trainer.max_steps", "4"]) == 0
+    assert sorted(p.name for p in ckpt_dir.glob("step*.ckpt")) == ["step00000003.ckpt", "step00000004.ckpt"]
+    # Fewer kept from now on: the start of the next fit prunes the folder (the run is done: no save would).
+    argv = ["fit", "--config", str(config_path), "--trainer.max_steps", "4", "--trainer.keep_checkpoints", "1"]
+    assert cli_main(argv) == 0
+    assert sorted(p.name for p in ckpt_dir.glob("step*.ckpt")) == ["step00000004.ckpt"]
+
+
+def test_epoch_is_logged_once_per_step(tmp_path, fashion_mnist_dir):
+    """Lightning adds `epoch` to every batch of metrics it logs, and a step that validates logs two batches."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_run_config(tmp_path / "run", uri, "epoch")
+    config["trainer"].update(max_steps=4, val_check_interval=2, checkpoint_every_n_steps=None)
+    assert cli_main(["fit", "--config", str(write_config(tmp_path / "run.yaml", config))]) == 0
+    client = MlflowClient(uri)
+    run_id = (tmp_path / "run" / "mlflow_run_id").read_text().strip()
+    assert logged_steps(client, run_id, "val/L_mean") == [1, 3]  # validations at the steps of two epoch points
+    assert logged_steps(client, run_id, "epoch") == [0, 1, 2, 3]
+
+
+def test_a_resumed_run_logs_the_sample_grids_of_an_uninterrupted_one(tmp_path, fashion_mnist_dir):
+    """A grid every 2nd validation; validations after steps 2, 4 and 6: grids after steps 2 and 6, resumed or not."""
+    config = tiny_run_config(tmp_path / "run", "none", "grids")
+    config["trainer"].update(max_steps=2, val_check_interval=2, checkpoint_every_n_steps=None)
+    config["tracking"]["sample_grid_every_n_val"] = 2
+    config_path = write_config(tmp_path / "run.yaml", config)
+    assert cli_main(["fit", "--config", str(config_path)]) == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["var_lab"]["val_count"] == 1
+    assert cli_main(["fit", "--config", str(config_path), "--trainer.max_steps", "6"]) == 0  # resumes at step 2
+    grids = sorted(p.name for p in (tmp_path / "run" / "samples").glob("*.png"))
+    assert grids == ["samples_step0000002.png", "samples_step0000006.png"]
 
 
 SAVE_LOOP = """

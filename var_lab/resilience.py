@@ -36,6 +36,7 @@ import contextlib
 import errno
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -197,14 +198,68 @@ def validation_follows(trainer: Any) -> bool:
         return False
 
 
+#: names of the step checkpoints ``make_trainer`` configures (``filename="step{step:08d}"``)
+STEP_CHECKPOINT_NAME = re.compile(r"step(\d+)\.ckpt")
+
+
+def prune_step_checkpoints(ckpt_dir: Path, keep: int, protect: tuple[Optional[Path], ...] = ()) -> list[Path]:
+    """Delete the step checkpoints (``stepNNNNNNNN.ckpt``) of ``ckpt_dir`` beyond the newest ``keep`` (by step).
+
+    Args:
+        ckpt_dir: the run's checkpoint folder.
+        keep: how many step checkpoints to keep (``trainer.keep_checkpoints``); negative keeps all.
+        protect: files never deleted (the checkpoint being resumed from).
+
+    Returns:
+        The deleted files.
+    """
+    if keep < 0 or not ckpt_dir.is_dir():
+        return []
+    found = sorted(
+        (int(match.group(1)), path)
+        for path in ckpt_dir.iterdir()
+        if (match := STEP_CHECKPOINT_NAME.fullmatch(path.name))
+    )
+    kept = {Path(p).resolve() for p in protect if p is not None}
+    removed = []
+    for _, path in found[: max(len(found) - keep, 0)]:
+        if path.resolve() in kept:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 class StepCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint(every_n_train_steps=N)`` that saves a step followed by a validation when the validation ended.
+    """``ModelCheckpoint(every_n_train_steps=N)`` that saves a step followed by a validation when the validation ended,
+    and keeps at most ``save_top_k`` step checkpoints on disk.
 
     See the module docstring. The save waits at most until the end of the epoch or of training, in case Lightning
     skips the validation after all.
+
+    Lightning deletes only the step checkpoints it recorded, and never the one a run resumed from; a run resumed from
+    a step checkpoint (``last.ckpt`` not yet written, or corrupt) or killed between a save and the deletion would
+    keep one more for good. So the folder itself is pruned to the newest ``save_top_k`` when fitting starts (sparing
+    the checkpoint just loaded) and after every save.
     """
 
     _deferred = False
+
+    def _prune(self, trainer, protect: tuple[Optional[Path], ...]) -> None:
+        if trainer.is_global_zero and self.dirpath is not None:
+            prune_step_checkpoints(Path(self.dirpath), self.save_top_k, protect)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        super().on_fit_start(trainer, pl_module)
+        # After the checkpoint was loaded: leftovers of a killed run or of a larger keep_checkpoints go.
+        resumed = Path(trainer.ckpt_path) if trainer.ckpt_path else None
+        self._prune(trainer, (resumed,))
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        # A newer checkpoint is on disk now: the one resumed from is no longer needed as a fallback.
+        self._prune(trainer, (Path(filepath),))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self._deferred = False  # the validation did not come; the state has moved on (a batch was fetched)

@@ -856,6 +856,7 @@ class ResilientMLFlowLogger(MLFlowLogger):
         self._last_attempt = 0.0
         self._store_steps_pending = False
         self._logged_steps: dict[str, int] = {}
+        self._epoch_point: Optional[tuple[int, float]] = None  # the last (step, value) of "epoch" sent
         self.num_skipped = 0  # points not logged because the store already has their step (resume)
         self.num_spooled = 0  # records kept in the spool
         self.num_rejected = 0  # records the store refused for good
@@ -1015,6 +1016,12 @@ class ResilientMLFlowLogger(MLFlowLogger):
                 self.num_skipped += 1
                 continue
             value = float(value.item() if hasattr(value, "item") else value)
+            if clean == "epoch":
+                # Lightning adds "epoch" to each batch of metrics it logs; a step that also validates sends two
+                # batches (the step's, then the validation's), which would record the same epoch point twice.
+                if self._epoch_point == (step, value):
+                    continue
+                self._epoch_point = (step, value)
             records.append(self._record("metric", key=clean, value=value, step=step, timestamp=timestamp))
         self._emit(records)
 

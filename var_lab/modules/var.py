@@ -74,6 +74,7 @@ class VARModule(L.LightningModule):
         self._accounting: Optional[dict[str, float]] = None
         self._resume_rng: Optional[dict[str, Any]] = None
         self._resume_step_metrics: Optional[dict[str, Any]] = None
+        self._val_count = 0  # validations so far (sample grids every N of them); checkpointed, so a resume keeps it
         fault = os.environ.get(FAULT_NAN_AT_STEP_ENV, "")
         self._fault_nan_at_step = int(fault) if fault.strip() else None  # test hook, see training_step
 
@@ -233,7 +234,7 @@ class VARModule(L.LightningModule):
         every = self.cfg.tracking.sample_grid_every_n_val
         if self.trainer.sanity_checking or every <= 0 or self.global_rank != 0:
             return
-        self._val_count = getattr(self, "_val_count", 0) + 1
+        self._val_count += 1
         if (self._val_count - 1) % every == 0:
             self.log_sample_grid()
 
@@ -321,6 +322,7 @@ class VARModule(L.LightningModule):
             "flops_per_image": self.flops_per_image,
             "scaling_params": self.scaling_params,
             "rng_states": rng_states(),
+            "val_count": self._val_count,
         }
         if self._step_metrics and self._trainer is not None:
             # Lightning sends a step's metrics to the logger after the checkpoint callbacks ran: keep them here so
@@ -336,6 +338,7 @@ class VARModule(L.LightningModule):
         meta = checkpoint.get("var_lab", {})
         self._resume_rng = meta.get("rng_states")
         self._resume_step_metrics = meta.get("step_metrics")
+        self._val_count = int(meta.get("val_count", 0))
 
     def on_train_start(self) -> None:
         # Restored here, after Lightning's sanity check and before the first batch is fetched (on_train_epoch_start
