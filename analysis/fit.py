@@ -60,6 +60,10 @@ class InsufficientDataError(ValueError):
     """Too few usable points (or too few distinct x values) for the requested fit."""
 
 
+class DivergedFitError(ArithmeticError):
+    """The fit ran off to non-finite parameters (every start diverged, or the best optimum overflows)."""
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # the approach-3 grid
 
@@ -75,6 +79,15 @@ HUBER_DELTA = 1e-3
 POWER_LAW_PARAMS = ("a", "b", "r", "c")
 SATURATING_PARAMS = ("E", "A", "alpha", "r")
 CHINCHILLA_PARAMS = ("E", "A", "B", "alpha", "beta", "a_opt", "b_opt", "G")
+#: the parameters a prediction uses: a fit or replicate with any of them non-finite has diverged
+DEFINING_PARAMS = {"power_law": ("b", "c"), "saturating": ("E", "A", "alpha"),
+                   "chinchilla": ("E", "A", "B", "alpha", "beta")}  # fmt: skip
+#: how an interval of each parameter is read: ``scale`` (positive, judged in decades), ``exponent``, ``correlation``
+PARAM_KINDS = {"a": "scale", "c": "scale", "A": "scale", "B": "scale", "E": "scale", "G": "scale", "b": "exponent",
+               "alpha": "exponent", "beta": "exponent", "r": "correlation", "a_opt": "fraction",
+               "b_opt": "fraction"}  # fmt: skip
+#: a positive parameter whose interval spans this many decades (or reaches 0 or infinity) is unconstrained
+UNCONSTRAINED_DECADES = 6.0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -105,7 +118,16 @@ def chinchilla_loss(N, D, E: float, A: float, B: float, alpha: float, beta: floa
 class FitResult(dict):
     """A fit: a plain dict of parameters (``"E"``, ``"alpha"``, ...), ``"<name>_ci"`` intervals when bootstrapped,
     ``"form"`` and ``"n_points"``; plus attributes ``form``, ``samples`` (one bootstrap replicate per row, or None)
-    and ``level``, and methods to predict and label."""
+    and ``level``, and methods to predict and label.
+
+    Bootstrap replicates with a non-finite defining parameter (:data:`DEFINING_PARAMS`: a replicate that ran off to
+    ``A = inf``, or drew a single distinct x) are dropped here, once, so that no interval, prediction,
+    compute-optimal allocation or extrapolation sees them; ``"bootstrap"`` is the number drawn,
+    ``"bootstrap_degenerate"`` how many were dropped because they drew too few distinct x (``degenerate``, given by
+    the fit) and ``"bootstrap_diverged"`` how many others were dropped. :meth:`caveats` says in words what the
+    reader must know: dropped replicates, parameters on a bound (``at_bound``), intervals that do not constrain
+    their parameter.
+    """
 
     def __init__(
         self,
@@ -119,27 +141,80 @@ class FitResult(dict):
         n_groups: int | None = None,
         n_free: int = 0,
         interval: str = "expanded",
+        bounds: dict[str, tuple[float, float]] | None = None,
+        at_bound: dict[str, str] | None = None,
+        degenerate: np.ndarray | None = None,
     ):
         super().__init__()
         if interval not in ("expanded", "percentile"):
             raise ValueError(f"interval must be 'expanded' or 'percentile', got {interval!r}")
         self.form = form
-        self.samples = samples
         self.level = level
         self.n_groups = int(n_groups if n_groups is not None else n_points)
         self.n_free = n_free
         self.interval = interval
+        self.bounds = dict(bounds or {})
+        """Allowed range of constrained parameters, e.g. ``{"alpha": (0, 10)}``."""
+        self.at_bound = dict(at_bound or {})
+        """Parameters whose estimate sits on a bound: name -> which bound, e.g. ``{"E": "lower bound 0"}``."""
+        self.n_diverged = 0
+        self.n_degenerate = 0
         self["form"] = form
         self.update({k: float(v) for k, v in values.items()})
         self["n_points"] = int(n_points)
         if samples is not None and len(samples):
+            defining = [c for c in DEFINING_PARAMS.get(form, ()) if c in samples.columns]
+            finite = np.isfinite(samples[defining].to_numpy(dtype=float)).all(axis=1)
+            # a replicate that drew too few distinct x has no law to fit: counted apart from true divergence
+            degenerate = np.zeros(len(samples), bool) if degenerate is None else np.asarray(degenerate, bool)
+            self.n_degenerate = int((~finite & degenerate).sum())
+            self.n_diverged = int((~finite & ~degenerate).sum())
             self["bootstrap"] = len(samples)
+            self["bootstrap_diverged"] = self.n_diverged
+            self["bootstrap_degenerate"] = self.n_degenerate
+            samples = samples[finite].reset_index(drop=True)
             self["interval"] = interval
             self["percentile_level"] = self.percentile_level()
-            for name in samples.columns:
-                self[f"{name}_ci"] = percentile_interval(samples[name].to_numpy(), self["percentile_level"])
+            if len(samples):
+                for name in samples.columns:
+                    self[f"{name}_ci"] = percentile_interval(samples[name].to_numpy(), self["percentile_level"])
+        self.samples = samples
         if extra:
             self.update(extra)
+
+    @property
+    def diverged(self) -> bool:
+        """Whether the point estimate itself has a non-finite defining parameter (no usable law)."""
+        return not all(np.isfinite(self.get(k, np.nan)) for k in DEFINING_PARAMS.get(self.form, ()))
+
+    def interval_caveat(self, name: str) -> str | None:
+        """Why ``<name>_ci`` does not pin the parameter down (see :func:`interval_caveat`), or None."""
+        ci = self.get(f"{name}_ci")
+        if not isinstance(ci, tuple):
+            return None
+        return interval_caveat(ci[0], ci[1], PARAM_KINDS.get(name, "scale"), self.bounds.get(name), self.level)
+
+    def caveats(self) -> list[str]:
+        """What a reader of this fit must know, one sentence each: dropped replicates, parameters on a bound,
+        intervals that do not constrain their parameter. Empty for a well-determined fit."""
+        out = []
+        if "bootstrap" in self and (self.n_diverged or self.n_degenerate):
+            n = self["bootstrap"]
+            if self.n_degenerate:
+                out.append(f"{self.n_degenerate} of {n} bootstrap replicates drew a single distinct x (no slope to "
+                           "fit) and were dropped")  # fmt: skip
+            if self.n_diverged:
+                out.append(f"{self.n_diverged} of {n} bootstrap replicates diverged (non-finite parameters) and were "
+                           "dropped")  # fmt: skip
+            if self.samples is None or not len(self.samples):
+                out.append("no bootstrap replicate is left: no intervals")
+        for name, where in self.at_bound.items():
+            out.append(f"{name} = {self[name]:.3g} lies on its {where}")
+        for name in dict.fromkeys((*self.params, *(k[:-3] for k in self if k.endswith("_ci")))):
+            text = self.interval_caveat(name)
+            if text:
+                out.append(f"{name}: {text}")
+        return out
 
     def percentile_level(self, level: float | None = None) -> float:
         """Percentile level that gives nominal coverage ``level`` (default the fit's) under this fit's interval."""
@@ -158,7 +233,8 @@ class FitResult(dict):
         """Percentile interval of the prediction over the bootstrap replicates; (lo, hi) with x's shape."""
         if self.samples is None or not len(self.samples):
             raise ValueError("this fit has no bootstrap replicates: refit with bootstrap > 0")
-        preds = np.stack([_evaluate(self.form, row, *x) for row in self.samples.to_dict("records")])
+        with np.errstate(all="ignore"):
+            preds = np.stack([_evaluate(self.form, row, *x) for row in self.samples.to_dict("records")])
         lo, hi = percentile_interval(preds, self.percentile_level(level), axis=0)
         return lo, hi
 
@@ -221,14 +297,63 @@ def interval_level(level: float, n_groups: int, n_free: int, interval: str = "ex
     return float(min(1.0, 1 - 2 * stats.norm.sf(z)))
 
 
+def interval_caveat(
+    lo: float, hi: float, kind: str = "scale", bounds: tuple[float, float] | None = None, level: float = 0.95
+) -> str | None:
+    """Why an interval ``[lo, hi]`` does not pin its parameter down, in words; None when it does.
+
+    Args:
+        lo, hi: the interval.
+        kind: ``scale`` (a positive coefficient: unconstrained when the interval reaches 0 or infinity or spans
+            :data:`UNCONSTRAINED_DECADES` decades), ``exponent`` (unconstrained when it spans the whole of
+            ``bounds``; its sign is open when it contains 0), ``correlation`` (uninformative when it is [-1, 1];
+            its sign is open when it contains 0) or ``fraction`` (never flagged).
+        bounds: allowed range of the parameter, if any.
+        level: nominal coverage, for the wording.
+    """
+    pct = f"{100 * level:g}%"
+    lo, hi = float(lo), float(hi)
+    if math.isnan(lo) or math.isnan(hi):  # no finite replicate: nothing to read
+        return None
+    if kind == "correlation":
+        if lo <= -0.999 and hi >= 0.999:
+            return f"uninformative: the {pct} bootstrap interval of r is [-1, 1] (too few runs to tell a trend)"
+        if lo < 0 < hi:
+            return f"the {pct} interval of r includes 0: the direction of the trend is not established"
+        return None
+    if kind == "exponent":
+        if bounds is not None:
+            b_lo, b_hi = bounds
+            tol = 1e-6 * max(1.0, abs(b_hi - b_lo))
+            if lo <= b_lo + tol and hi >= b_hi - tol:
+                return f"unconstrained: the {pct} interval spans its whole allowed range [{b_lo:g}, {b_hi:g}]"
+        if lo < 0 < hi:
+            return f"the {pct} interval includes 0: the sign of the exponent is not established"
+        return None
+    if kind != "scale":
+        return None
+    # a subnormal lower end is a coefficient that underflowed to 0 in some replicate
+    ends = [what for what, hit in (("0", lo < np.finfo(float).tiny), ("infinity", math.isinf(hi))) if hit]
+    if ends:
+        return f"unconstrained: the {pct} interval reaches {' and '.join(ends)}"
+    decades = math.log10(hi) - math.log10(lo)  # not log10(hi / lo): that overflows for a subnormal lo
+    if decades >= UNCONSTRAINED_DECADES:
+        return f"unconstrained: the {pct} interval spans {decades:.0f} decades"
+    return None
+
+
 def percentile_interval(values, level: float = 0.95, axis=None):
     """Two-sided percentile interval at ``level`` ignoring NaNs; a tuple (lo, hi). Level 1 is the full range."""
     if not 0 < level <= 1:
         raise ValueError(f"level must be in (0, 1], got {level}")
     tail = 100 * (1 - level) / 2
+    values = np.asarray(values, dtype=float)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        lo, hi = np.nanpercentile(np.asarray(values, dtype=float), [tail, 100 - tail], axis=axis)
+        lo, hi = np.nanpercentile(values, [tail, 100 - tail], axis=axis)
+        if np.isinf(values).any():  # interpolating next to an infinite value gives NaN (inf - inf): take the value
+            near_lo, near_hi = np.nanpercentile(values, [tail, 100 - tail], axis=axis, method="nearest")
+            lo, hi = np.where(np.isnan(lo), near_lo, lo), np.where(np.isnan(hi), near_hi, hi)
     if axis is None:
         return float(lo), float(hi)
     return lo, hi
@@ -274,6 +399,15 @@ def _bootstrap_weights(groups: np.ndarray, replicates: int, rng: np.random.Gener
     counts = np.zeros((replicates, n_groups))
     np.add.at(counts, (np.arange(replicates)[:, None], draws), 1.0)
     return counts[:, inverse]
+
+
+def _distinct_drawn(log_x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Distinct x values each replicate drew; log_x (n,), weights (R, n) -> (R,) counts."""
+    _, code = np.unique(np.round(log_x, 6), return_inverse=True)
+    present = np.zeros((len(weights), code.max() + 1), bool)
+    rows, cols = np.nonzero(weights > 0)
+    present[rows, code[cols]] = True
+    return present.sum(1)
 
 
 def _check_distinct(x: np.ndarray, minimum: int, name: str, what: str) -> None:
@@ -341,19 +475,24 @@ def fit_power_law(
     _check_distinct(x, 2, "x", "power-law fit")
     lx, ly = np.log(x), np.log(y)
     a, b, r, c = _power_law_weighted(lx, ly, np.ones((1, len(x))))[0]
-    samples = None
+    samples = degenerate = None
     if bootstrap:
         w = _bootstrap_weights(groups, bootstrap, np.random.default_rng(seed))
         samples = pd.DataFrame(_power_law_weighted(lx, ly, w), columns=list(POWER_LAW_PARAMS))
+        degenerate = _distinct_drawn(lx, w) < 2
     params = {"a": a, "b": b, "r": r, "c": c}
     n_groups = len(np.unique(groups))
-    return FitResult("power_law", params, len(x), samples, level, n_groups=n_groups, n_free=2, interval=interval)
+    return FitResult("power_law", params, len(x), samples, level, n_groups=n_groups, n_free=2, interval=interval,
+                     degenerate=degenerate)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # saturating y = E + A x^-alpha
 
 _ALPHA_SCAN = np.geomspace(1e-3, 4.0, 80)
+SATURATING_ALPHA_MAX = 10.0
+#: a coefficient below this fraction of the smallest value is on its bound 0
+BOUND_RTOL = 1e-6
 
 
 def _saturating_once(x: np.ndarray, y: np.ndarray, w: np.ndarray, E_fixed: float | None) -> tuple[float, ...]:
@@ -408,9 +547,9 @@ def _saturating_once(x: np.ndarray, y: np.ndarray, w: np.ndarray, E_fixed: float
         return np.stack(cols if fixed else [inv] + cols, axis=1)
 
     if fixed:
-        p0, lower, upper = [math.log(A0), alpha0], [-np.inf, 0.0], [np.inf, 10.0]
+        p0, lower, upper = [math.log(A0), alpha0], [-np.inf, 0.0], [np.inf, SATURATING_ALPHA_MAX]
     else:
-        p0, lower, upper = [E0, math.log(A0), alpha0], [0.0, -np.inf, 0.0], [np.inf, np.inf, 10.0]
+        p0, lower, upper = [E0, math.log(A0), alpha0], [0.0, -np.inf, 0.0], [np.inf, np.inf, SATURATING_ALPHA_MAX]
     p0 = np.clip(p0, np.array(lower) + 1e-12, np.array(upper) - 1e-12)
     sol = optimize.least_squares(residuals, p0, jac=jacobian, bounds=(lower, upper), method="trf", x_scale="jac",
                                  xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=500)  # fmt: skip
@@ -468,9 +607,18 @@ def fit_saturating(
     if bootstrap:
         w = _bootstrap_weights(groups, bootstrap, np.random.default_rng(seed))
         samples = pd.DataFrame([one(wi) for wi in w], columns=list(SATURATING_PARAMS))
+    E_, _, alpha_, _ = values
+    at_bound = {}
+    if E is None and E_ <= BOUND_RTOL * y.min():
+        at_bound["E"] = "lower bound 0 (no saturation is visible: a pure power law fits as well)"
+    if alpha_ >= SATURATING_ALPHA_MAX * (1 - BOUND_RTOL):
+        at_bound["alpha"] = f"upper bound {SATURATING_ALPHA_MAX:g}"
+    elif alpha_ <= BOUND_RTOL:
+        at_bound["alpha"] = "lower bound 0 (y does not fall with x)"
     return FitResult("saturating", dict(zip(SATURATING_PARAMS, values)), len(x), samples, level,
                      extra={"E_fixed": E is not None}, n_groups=len(np.unique(groups)), n_free=need - 1,
-                     interval=interval)  # fmt: skip
+                     interval=interval, bounds={"alpha": (0.0, SATURATING_ALPHA_MAX)},
+                     at_bound=at_bound)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -703,7 +851,7 @@ def _solve_chinchilla(
     total_iters = int(sum(o[2] for o in outs))
     best = _distinct_best(x, f, max(polish, keep, 1))
     if not len(best):
-        raise RuntimeError("every L-BFGS start diverged (non-finite objective)")
+        raise DivergedFitError("every L-BFGS start diverged (non-finite objective)")
     candidates = x[best]
     finals = [(float(f[best[0]]), x[best[0]])]
     for theta0 in candidates[:polish]:
@@ -842,6 +990,17 @@ def fit_chinchilla(
     solve = _solve_chinchilla(log_N, log_D, log_L, None, grid, method, polish, delta, workers, bootstrap_starts)
     values = _chinchilla_values(solve.theta)
     values["objective"] = solve.objective
+    overflow = [k for k in DEFINING_PARAMS["chinchilla"] if not np.isfinite(values[k])]
+    if overflow:
+        raise DivergedFitError(
+            "the best optimum overflows (" + ", ".join(f"{k} = {values[k]:.3g}" for k in overflow) + ")"
+        )
+    at_bound = {}
+    if values["E"] <= BOUND_RTOL * loss.min():
+        at_bound["E"] = "lower bound 0 (the fit finds no irreducible loss in these runs)"
+    for k, what in (("alpha", "N"), ("beta", "D")):
+        if abs(values[k]) <= BOUND_RTOL:
+            at_bound[k] = f"lower bound 0 (the loss does not fall with {what})"
     samples = None
     if bootstrap:
         weights = _bootstrap_weights(groups, bootstrap, np.random.default_rng(seed))
@@ -852,7 +1011,7 @@ def fit_chinchilla(
         )  # fmt: skip
     extra = {"n_starts": len(grid), "method": method}
     return FitResult("chinchilla", values, len(N), samples, level, extra=extra, n_groups=len(np.unique(groups)),
-                     n_free=5, interval=interval)  # fmt: skip
+                     n_free=5, interval=interval, at_bound=at_bound)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -908,9 +1067,13 @@ def six_n(N) -> np.ndarray:
 
 
 def _optimal_one(p, C: float, fpt: Callable) -> tuple[float, float, float]:
+    """Compute-optimal (N, D, loss) of the law ``p`` at compute C; NaNs when the law has no finite loss there."""
+
     def loss_at(log_N):
         N = math.exp(log_N)
-        return float(chinchilla_loss(N, C / float(fpt(N)), p["E"], p["A"], p["B"], p["alpha"], p["beta"]))
+        with np.errstate(all="ignore"):
+            value = float(chinchilla_loss(N, C / float(fpt(N)), p["E"], p["A"], p["B"], p["alpha"], p["beta"]))
+        return value if math.isfinite(value) else math.inf
 
     # a coarse log grid brackets the minimum (the curve is unimodal), then Brent refines it
     grid = np.linspace(math.log(1e2), math.log(1e16), 141)
@@ -918,9 +1081,14 @@ def _optimal_one(p, C: float, fpt: Callable) -> tuple[float, float, float]:
     with np.errstate(all="ignore"):
         vals = chinchilla_loss(N_grid, C / np.asarray(fpt(N_grid), dtype=float), p["E"], p["A"], p["B"], p["alpha"],
                                p["beta"])  # fmt: skip
+    vals = np.where(np.isfinite(vals), vals, np.nan)
+    if np.isnan(vals).all():  # the law overflows at every size (e.g. A = inf, or N^alpha overflowing)
+        return math.nan, math.nan, math.nan
     i = int(np.nanargmin(vals))
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
     sol = optimize.minimize_scalar(loss_at, bounds=(lo, hi), method="bounded", options={"xatol": 1e-9})
+    if not math.isfinite(sol.fun):
+        return math.nan, math.nan, math.nan
     N = math.exp(sol.x)
     return N, C / float(fpt(N)), float(sol.fun)
 
@@ -937,6 +1105,8 @@ def compute_optimal(fit: FitResult, C, flops_per_token: Callable | None = None, 
 
     Returns:
         DataFrame with columns C, N_opt, D_opt, loss_opt and, when the fit was bootstrapped, ``*_lo`` / ``*_hi``.
+        ``attrs["replicates"]`` is the number of finite bootstrap replicates of the fit and ``attrs["diverged"]``
+        how many of them have no finite optimum at some budget (they are left out of the intervals).
     """
     if fit.form != "chinchilla":
         raise ValueError(f"compute_optimal needs a chinchilla fit, got {fit.form!r}")
@@ -949,9 +1119,12 @@ def compute_optimal(fit: FitResult, C, flops_per_token: Callable | None = None, 
         per_sample = np.array(
             [[_optimal_one(p, c, fpt) for c in C] for p in fit.samples.to_dict("records")]
         )  # (R, m, 3)
-        for j, name in enumerate(["N_opt", "D_opt", "loss_opt"]):
-            lo, hi = percentile_interval(per_sample[:, :, j], fit.percentile_level(level), axis=0)
-            out[f"{name}_lo"], out[f"{name}_hi"] = lo, hi
+        finite = np.isfinite(per_sample).all(axis=(1, 2))
+        out.attrs["replicates"], out.attrs["diverged"] = len(per_sample), int((~finite).sum())
+        if finite.any():
+            for j, name in enumerate(["N_opt", "D_opt", "loss_opt"]):
+                lo, hi = percentile_interval(per_sample[finite, :, j], fit.percentile_level(level), axis=0)
+                out[f"{name}_lo"], out[f"{name}_hi"] = lo, hi
     return out
 
 
@@ -999,8 +1172,10 @@ def extrapolate(
     D_est = d_for(fit, N)
     out = pd.DataFrame({"N": N, "D": D_est, "loss": fit.predict(N, D_est)})
     if has_samples:
-        preds = np.array([chinchilla_loss(N, d_for(p, N), p["E"], p["A"], p["B"], p["alpha"], p["beta"])
-                          for p in fit.samples.to_dict("records")])  # fmt: skip
+        with np.errstate(all="ignore"):  # a replicate without a finite prediction is NaN: left out below
+            preds = np.array([chinchilla_loss(N, d_for(p, N), p["E"], p["A"], p["B"], p["alpha"], p["beta"])
+                              for p in fit.samples.to_dict("records")])  # fmt: skip
+        preds = np.where(np.isfinite(preds), preds, np.nan)
         out["loss_lo"], out["loss_hi"] = percentile_interval(preds, fit.percentile_level(level), axis=0)
     return out
 
@@ -1012,7 +1187,7 @@ def _d_for_optimal_n(p, N: float, fpt: Callable) -> float:
     lo, hi = math.log(float(fpt(N)) * 1.0), math.log(float(fpt(N)) * 1e20)
     try:
         log_C = optimize.brentq(gap, lo, hi, xtol=1e-10)
-    except ValueError:
+    except (ValueError, RuntimeError):  # no sign change (or NaN): this law never makes N compute-optimal
         return np.nan
     return math.exp(log_C) / float(fpt(N))
 
@@ -1125,6 +1300,8 @@ def isoflop_minima(
 
 __all__ = [
     "CHINCHILLA_GRID",
+    "DEFINING_PARAMS",
+    "DivergedFitError",
     "FitResult",
     "FlopsPerToken",
     "HUBER_DELTA",
@@ -1138,6 +1315,7 @@ __all__ = [
     "fit_power_law",
     "fit_saturating",
     "isoflop_minima",
+    "interval_caveat",
     "interval_level",
     "percentile_interval",
     "power_law",

@@ -205,6 +205,7 @@ def test_bootstrap_resamples_whole_runs():
     assert np.all(weights[:, [0, 2, 5]].sum(1) == 3)
 
 
+@pytest.mark.slow
 def test_compute_optimal_matches_closed_form_under_6nd(planted_fit):
     result = planted_fit
     C = np.array([1e20, 1e22, 1e24])
