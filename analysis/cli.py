@@ -81,9 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def analyze_main(argv: list[str]) -> int:
-    """Entry point of ``var-lab analyze``; returns 0 on success, 2 on bad input."""
+    """Entry point of ``var-lab analyze``; returns 0 when report.md is written, 2 on bad input (a missing store or
+    experiment, an experiment without runs), 1 when the store cannot be read."""
     args = build_parser().parse_args(argv)
-    from analysis.report import AnalysisOptions, analyze
+    from analysis.report import UNEXPECTED, AnalysisOptions, analyze
     from analysis.runs import load_study
 
     if args.bootstrap < 0 or args.chinchilla_bootstrap < 0:
@@ -97,6 +98,11 @@ def analyze_main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"var-lab analyze: {error}", file=sys.stderr)
         return 2
+    except Exception as error:  # a store that cannot be read: one line, not a traceback
+        where = args.tracking_uri or "$MLFLOW_TRACKING_URI"
+        print(f"var-lab analyze: could not read {', '.join(args.experiment)} from {where}: {type(error).__name__}: "
+              f"{error}", file=sys.stderr)  # fmt: skip
+        return 1
     print(
         f"loaded {len(study.runs)} runs, {len(study.history):,} metric points from {', '.join(study.experiments)} "
         f"in {study.load_seconds:.1f} s ({study.backend} reader)"
@@ -124,6 +130,10 @@ def analyze_main(argv: list[str]) -> int:
         result = analyze(study, args.out, options)
     for _, row in result.fits.iterrows():
         print(f"  {row['target']} vs {row['x']} ({row['form']}): {row['law']}")
+    unexpected = [n for n in result.notes if UNEXPECTED in n]
+    if unexpected:
+        print(f"warning: {len(unexpected)} part(s) of the analysis {UNEXPECTED}; see the notes in report.md and "
+              f"{args.out / 'errors.log'}", file=sys.stderr)  # fmt: skip
     print(f"report: {result.report}")
     print(f"plots:  {args.out / 'plots'} ({len(result.figures)} files)")
     if args.log_to_mlflow:

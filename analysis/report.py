@@ -17,8 +17,10 @@ Folder layout::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import math
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,37 +106,77 @@ def _longest_per_size(runs: pd.DataFrame, params_column: str) -> pd.DataFrame:
     return order.groupby(params_column, sort=True).tail(1).drop(columns="_t").sort_values(params_column)
 
 
+#: what would make a skipped part possible, by what it needs
+HINT_SIZES = "runs of more model sizes would make it possible"
+HINT_HISTORY = "more logged validation points along each run would make it possible"
+HINT_CHINCHILLA = "more model sizes, each trained for several lengths, would make it possible"
+HINT_FID = "run `var-lab eval` on each run's checkpoint to log eval/fid"
+#: the words that mark a failure no study should cause (a bug to report), as opposed to a part the study cannot support
+UNEXPECTED = "failed unexpectedly"
+
+
 class _Recorder:
-    """Collects the fits and notes of one analysis."""
+    """Collects the fits, tables' notes and failures of one analysis: the one path every derived part takes.
+
+    :meth:`run` makes a fit and records it with its caveats (dropped replicates, parameters on a bound, intervals
+    that do not constrain); :meth:`guard` wraps a table, plot or report section so that anything it cannot make
+    becomes a note (what, why and what would make it possible) instead of ending the analysis.
+    """
 
     def __init__(self, options: AnalysisOptions):
         self.options = options
         self.rows: list[dict] = []
         self.objects: dict[str, F.FitResult] = {}
         self.notes: list[str] = []
+        self.tracebacks: list[str] = []
 
     def note(self, text: str) -> None:
         self.notes.append(text)
 
-    def run(self, key: str, target: str, x: str, x_unit: str, func, *args, **kwargs) -> F.FitResult | None:
+    def failure(self, what: str, error: BaseException, hint: str = "") -> None:
+        """Record why ``what`` was not made: a skip when the study lacks something, else an unexpected failure."""
+        if isinstance(error, F.InsufficientDataError):
+            self.note(f"{what}: skipped ({error})" + (f"; {hint}" if hint else ""))
+        elif isinstance(error, F.DivergedFitError):
+            self.note(f"{what}: not fitted, the fit diverged ({error})" + (f"; {hint}" if hint else ""))
+        else:
+            self.tracebacks.append(f"{what}:\n" + "".join(traceback.format_exception(error)))
+            self.note(f"{what}: {UNEXPECTED} ({type(error).__name__}: {error}); the traceback is in errors.log")
+
+    @contextlib.contextmanager
+    def guard(self, what: str, hint: str = ""):
+        """Run the body; an exception becomes a note about ``what`` (see :meth:`failure`) and the analysis goes on."""
         try:
-            result = func(*args, **kwargs)
-        except F.InsufficientDataError as error:
-            self.note(f"{target} vs {x}: skipped ({error})")
-            return None
-        except (ArithmeticError, ValueError, np.linalg.LinAlgError) as error:
-            # One fit failing numerically must not cost the rest of the report.
-            self.note(f"{target} vs {x}: fit failed ({type(error).__name__}: {error})")
+            yield
+        except Exception as error:  # one part failing must not cost the rest of the report
+            self.failure(what, error, hint)
+
+    def run(self, key: str, target: str, x: str, x_unit: str, func, *args, hint: str = HINT_SIZES,
+            **kwargs) -> F.FitResult | None:  # fmt: skip
+        """Fit ``func(*args, **kwargs)`` as ``key`` (``target|x|form``); None (and a note) when it cannot be made."""
+        what = f"{target} vs {x} ({key.rsplit('|', 1)[-1]})"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # overflow in a replicate: handled by FitResult
+                result = func(*args, **kwargs)
+            if result.diverged:
+                raise F.DivergedFitError(", ".join(f"{k} = {result.get(k)}" for k in F.DEFINING_PARAMS[result.form]))
+        except Exception as error:
+            self.failure(what, error, hint)
             return None
         self.objects[key] = result
+        caveats = result.caveats()
+        if caveats:
+            self.note(f"{what}: " + "; ".join(caveats))
         row = {"key": key, "target": target, "x": x, "x_unit": x_unit, "law": result.label(x, target)}
         row.update(result.to_row())
+        row["caveats"] = "; ".join(caveats)
         self.rows.append(row)
         return result
 
 
 def analyze(study: Study, out_dir: str | Path, options: AnalysisOptions | None = None) -> AnalysisResult:
-    """Fit, plot and report a loaded study into ``out_dir``.
+    """Fit, plot and report a loaded study into ``out_dir``; ``report.md`` is always written.
 
     Args:
         study: output of :func:`analysis.runs.load_study` (with histories for the frontier).
@@ -143,25 +185,37 @@ def analyze(study: Study, out_dir: str | Path, options: AnalysisOptions | None =
 
     Returns:
         AnalysisResult with the frames, fits, figure paths, notes and the report path. Warnings raised while
-        fitting (dropped runs and points) are collected into ``notes`` and re-issued.
+        fitting (dropped runs and points) are collected into ``notes`` and re-issued. A part the study cannot
+        support is a note; a part that fails for another reason is a note saying so, with its traceback in
+        ``errors.log``.
     """
     options = options or AnalysisOptions()
     out_dir = Path(out_dir)
     plots_dir = out_dir / "plots"
     out_dir.mkdir(parents=True, exist_ok=True)
+    rec = _Recorder(options)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", AnalysisWarning)
-        result = _analyze(study, out_dir, plots_dir, options)
+        result = None
+        with rec.guard("the analysis"):
+            result = _analyze(study, out_dir, plots_dir, options, rec)
+        if result is None:  # only an unexpected failure gets here: still write what is known
+            runs = study.runs.assign(used=False)
+            result = AnalysisResult(out_dir, runs, runs.iloc[:0], pd.DataFrame(rec.rows), rec.objects, notes=rec.notes)
     for item in caught:
         if issubclass(item.category, AnalysisWarning):
             result.notes.append(str(item.message))
         warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
-    result.report = write_report(study, result, options)
+    result.report = write_report(study, result, options, rec)
+    errors = out_dir / "errors.log"
+    if rec.tracebacks:
+        errors.write_text("\n".join(rec.tracebacks))
+    elif errors.exists():
+        errors.unlink()  # from an earlier analysis into the same folder
     return result
 
 
-def _analyze(study: Study, out_dir: Path, plots_dir: Path, options: AnalysisOptions) -> AnalysisResult:
-    rec = _Recorder(options)
+def _analyze(study: Study, out_dir: Path, plots_dir: Path, options: AnalysisOptions, rec: _Recorder) -> AnalysisResult:
     for note in study.notes:
         rec.note(note)
     runs = study.runs
@@ -182,6 +236,8 @@ def _analyze(study: Study, out_dir: Path, plots_dir: Path, options: AnalysisOpti
     N_b = sizes[pcol].to_numpy(dtype=float) / N_UNIT if len(sizes) else np.zeros(0)
     E = options.irreducible
     boot, seed = options.bootstrap, options.seed
+    if len(used) and len(sizes) < 2:
+        rec.note(f"only {len(sizes)} model size among the usable runs: no law in N can be fitted; {HINT_SIZES}")
 
     # ---- loss vs parameters
     param_fits = []
@@ -197,12 +253,13 @@ def _analyze(study: Study, out_dir: Path, plots_dir: Path, options: AnalysisOpti
             rec.run(f"{metric}|N|saturating", metric, "N", "billions", F.fit_saturating, N_b, y,
                     bootstrap=boot, seed=seed)  # fmt: skip
     if losses and len(sizes):
-        fig = P.plot_metric_vs(
-            sizes, pcol, [(m, sizes[f"final:{m}"].to_numpy(dtype=float) - (E or 0.0)) for m in losses], param_fits,
-            x_name="N", x_scale=1 / N_UNIT, title="Loss vs parameters (longest run of each size)",
-            y_label="reducible loss L - E (nats)" if E is not None else "loss (nats)",
-        )  # fmt: skip
-        figures += P.save_figure(fig, plots_dir, "loss_vs_params")
+        with rec.guard("plot of loss vs parameters"):
+            fig = P.plot_metric_vs(
+                sizes, pcol, [(m, sizes[f"final:{m}"].to_numpy(dtype=float) - (E or 0.0)) for m in losses],
+                param_fits, x_name="N", x_scale=1 / N_UNIT, title="Loss vs parameters (longest run of each size)",
+                y_label="reducible loss L - E (nats)" if E is not None else "loss (nats)",
+            )  # fmt: skip
+            figures += P.save_figure(fig, plots_dir, "loss_vs_params")
 
     # ---- loss vs compute: every run's curve and the frontier
     history = study.history
@@ -210,27 +267,33 @@ def _analyze(study: Study, out_dir: Path, plots_dir: Path, options: AnalysisOpti
         if not len(history) or not (history["metric"] == metric).any():
             rec.note(f"{metric}: no history loaded; the compute-optimal frontier needs it")
             continue
-        frontier = F.compute_frontier(history, metric, run_ids=used["run_id"])
-        tables[f"frontier_{_slug(metric)}"] = frontier.assign(metric=metric)
-        frontier_fit = None
-        if len(frontier):
-            values = frontier["value"].to_numpy(dtype=float) - (E or 0.0)
-            frontier_fit = rec.run(f"{metric}|C|power_law", metric, "C", "PFLOPs", F.fit_power_law,
-                                   frontier["compute"], values, bootstrap=boot, seed=seed)  # fmt: skip
-            if E is None:
-                rec.run(f"{metric}|C|saturating", metric, "C", "PFLOPs", F.fit_saturating, frontier["compute"],
-                        frontier["value"], bootstrap=boot, seed=seed)  # fmt: skip
-        fig = P.plot_loss_vs_compute(history, used, metric, frontier, frontier_fit, params_column=pcol,
-                                     irreducible=E)  # fmt: skip
-        figures += P.save_figure(fig, plots_dir, f"loss_vs_compute_{_slug(metric)}")
+        with rec.guard(f"{metric}: compute-optimal frontier and loss-vs-compute plot", HINT_HISTORY):
+            frontier = F.compute_frontier(history, metric, run_ids=used["run_id"])
+            tables[f"frontier_{_slug(metric)}"] = frontier.assign(metric=metric)
+            frontier_fit = None
+            if len(frontier):
+                values = frontier["value"].to_numpy(dtype=float) - (E or 0.0)
+                frontier_fit = rec.run(f"{metric}|C|power_law", metric, "C", "PFLOPs", F.fit_power_law,
+                                       frontier["compute"], values, bootstrap=boot, seed=seed,
+                                       hint=HINT_HISTORY)  # fmt: skip
+                if E is None:
+                    rec.run(f"{metric}|C|saturating", metric, "C", "PFLOPs", F.fit_saturating, frontier["compute"],
+                            frontier["value"], bootstrap=boot, seed=seed, hint=HINT_HISTORY)  # fmt: skip
+            else:
+                rec.note(f"{metric}: no usable run has a finite {metric} with a known compute: no frontier")
+            fig = P.plot_loss_vs_compute(history, used, metric, frontier, frontier_fit, params_column=pcol,
+                                         irreducible=E)  # fmt: skip
+            figures += P.save_figure(fig, plots_dir, f"loss_vs_compute_{_slug(metric)}")
 
     # ---- IsoFLOP minima
     if losses and len(used):
-        tables["isoflop"] = _isoflop(used, history, losses[0], pcol, rec)
+        with rec.guard("IsoFLOP minima", HINT_SIZES):
+            tables["isoflop"] = _isoflop(used, history, losses[0], pcol, rec)
 
     # ---- two-variable law and compute-optimal allocation
     if losses and len(used):
-        _chinchilla(used, history, losses[0], pcol, options, rec, tables)
+        with rec.guard(f"two-variable fit L(N, D) of {losses[0]}", HINT_CHINCHILLA):
+            _chinchilla(used, history, losses[0], pcol, options, rec, tables)
 
     # ---- token error vs parameters
     error_metrics = options.error_metrics
@@ -246,37 +309,50 @@ def _analyze(study: Study, out_dir: Path, plots_dir: Path, options: AnalysisOpti
             name = metric.replace("acc", "err")
             err_fits.append(rec.run(f"{name}|N|power_law", name, "N", "billions", F.fit_power_law, N_b, err,
                                     bootstrap=boot, seed=seed))  # fmt: skip
-        series = [(m.replace("acc", "err"), 1.0 - sizes[f"final:{m}"].to_numpy(dtype=float)) for m in error_metrics]
-        fig = P.plot_metric_vs(sizes, pcol, series, err_fits, x_name="N", x_scale=1 / N_UNIT,
-                               y_label="token error rate", title="Token error vs parameters")  # fmt: skip
-        figures += P.save_figure(fig, plots_dir, "error_vs_params")
+        with rec.guard("plot of token error vs parameters"):
+            series = [(m.replace("acc", "err"), 1.0 - sizes[f"final:{m}"].to_numpy(dtype=float)) for m in error_metrics]
+            fig = P.plot_metric_vs(sizes, pcol, series, err_fits, x_name="N", x_scale=1 / N_UNIT,
+                                   y_label="token error rate", title="Token error vs parameters")  # fmt: skip
+            figures += P.save_figure(fig, plots_dir, "error_vs_params")
     elif not error_metrics:
         rec.note("no accuracy metric (val/acc_* or train/acc_*) logged; token error not fitted")
 
     # ---- FID across model sizes
-    figures += _fid(runs, used, pcol, options, rec, tables, plots_dir)
+    with rec.guard("FID across model sizes", HINT_FID):
+        figures += _fid(runs, used, pcol, options, rec, tables, plots_dir)
 
     # ---- loss per scale vs depth
-    scale_cols = [c for c in used.columns if c.startswith("final:val/L_scale_")]
-    if scale_cols and used["depth"].notna().any():
-        patch = parse_patch_nums(used["patch_nums"].dropna().iloc[0]) if used["patch_nums"].notna().any() else None
-        fig = P.plot_scale_losses(sizes.dropna(subset=["depth"]), patch_nums=patch,
-                                  title="Loss per scale vs depth (longest run of each size)")  # fmt: skip
-        figures += P.save_figure(fig, plots_dir, "loss_per_scale_vs_depth")
-        tables["scale_losses"] = used.groupby("depth")[
-            sorted(scale_cols, key=lambda c: int(c.rsplit("_", 1)[1]))
-        ].mean()
+    with rec.guard("loss per scale vs depth"):
+        scale_cols = [c for c in used.columns if c.startswith("final:val/L_scale_")]
+        with_depth = sizes.dropna(subset=["depth"]) if len(sizes) else sizes
+        if not scale_cols:
+            rec.note("loss per scale vs depth: no run logged val/L_scale_<k>; not drawn")
+        elif not len(with_depth):
+            rec.note("loss per scale vs depth: no usable run logged model.depth; not drawn")
+        else:
+            known = used["patch_nums"].dropna()
+            patch = parse_patch_nums(known.iloc[0]) if len(known) else None
+            fig = P.plot_scale_losses(with_depth, patch_nums=patch,
+                                      title="Loss per scale vs depth (longest run of each size)")  # fmt: skip
+            figures += P.save_figure(fig, plots_dir, "loss_per_scale_vs_depth")
+            tables["scale_losses"] = (
+                used.dropna(subset=["depth"])
+                .groupby("depth")[sorted(scale_cols, key=lambda c: int(c.rsplit("_", 1)[1]))]
+                .mean()
+            )
 
     # ---- extrapolation
-    tables["extrapolation"] = _extrapolations(rec, sizes, used, pcol)
+    with rec.guard("extrapolation table"):
+        tables["extrapolation"] = _extrapolations(rec, sizes, used, pcol)
 
     fits = pd.DataFrame(rec.rows)
     # ---- files
-    runs.to_csv(out_dir / "runs.csv", index=False)
-    fits.to_csv(out_dir / "fits.csv", index=False)
-    for name, table in tables.items():
-        if table is not None and len(table):
-            table.to_csv(out_dir / f"{name}.csv", index=name == "scale_losses")
+    with rec.guard("CSV files"):
+        runs.to_csv(out_dir / "runs.csv", index=False)
+        fits.to_csv(out_dir / "fits.csv", index=False)
+        for name, table in tables.items():
+            if table is not None and len(table):
+                table.to_csv(out_dir / f"{name}.csv", index=name == "scale_losses")
     return AnalysisResult(out_dir, runs, used, fits, rec.objects, tables, figures, rec.notes)
 
 
@@ -307,6 +383,11 @@ HISTORY_POINTS_NOTE = (
     "used (warm-up skipped; the learning-rate schedule is not matched to each D, which biases beta; the bootstrap "
     "resamples whole runs)"
 )
+
+
+def _float(value) -> float:
+    """A frame cell as a float: None, NaN and pandas' <NA> become NaN."""
+    return math.nan if value is None or pd.isna(value) else float(value)
 
 
 def chinchilla_points(
@@ -354,14 +435,15 @@ def chinchilla_points(
         if len(part) > per_run:
             picks = np.searchsorted(part["step"].to_numpy(), np.geomspace(part["step"].min(), last, per_run))
             part = part.iloc[np.unique(np.clip(picks, 0, len(part) - 1))]
-        tokens = float(info.at[run_id, "tokens_per_image"])
-        per_image = float(info.at[run_id, "flops_per_image"])
-        batch = float(info.at[run_id, "global_batch"]) if pd.notna(info.at[run_id, "global_batch"]) else np.nan
+        # nullable params (a run logged without model.patch_nums has tokens_per_image <NA>) read as NaN
+        tokens = _float(info.at[run_id, "tokens_per_image"])
+        per_image = _float(info.at[run_id, "flops_per_image"])
+        batch = _float(info.at[run_id, "global_batch"])
         # tokens seen at each step: from the logged compute when there is one, as tokens_seen is
         images = part["compute"].to_numpy() * 1e15 / per_image
         images = np.where(np.isfinite(images), images, part["step"].to_numpy() * batch)
         for D, value in zip(images * tokens, part["value"]):
-            points.append((float(info.at[run_id, params_column]), float(D), float(value), run_id))
+            points.append((_float(info.at[run_id, params_column]), float(D), float(value), run_id))
     frame = pd.DataFrame(points, columns=["N", "D", "loss", "run_id"])
     frame = frame[np.isfinite(frame["D"]) & (frame["D"] > 0)].reset_index(drop=True)
     return frame, "points along each run's history"
@@ -371,6 +453,12 @@ def _chinchilla(used, history, metric, pcol, options: AnalysisOptions, rec: _Rec
     if options.chinchilla_points == "off":
         rec.note("two-variable fit: turned off")
         return
+    no_tokens = used[pd.to_numeric(used["tokens_per_image"], errors="coerce").isna()]
+    if len(no_tokens):
+        rec.note(
+            f"two-variable fit L(N, D) of {metric}: {len(no_tokens)} usable run(s) logged no model.patch_nums, so "
+            "their tokens seen D are unknown and they are left out"
+        )
     points, source = chinchilla_points(used, history, metric, options.chinchilla_points, pcol)
     if options.chinchilla_points == "auto" and source.startswith("points along"):
         rec.note(HISTORY_POINTS_NOTE)
@@ -378,12 +466,12 @@ def _chinchilla(used, history, metric, pcol, options: AnalysisOptions, rec: _Rec
     if len(points) < 8 or n_sizes < 3:
         rec.note(
             f"two-variable fit L(N, D) of {metric}: skipped, it needs at least 8 points and 3 distinct model sizes "
-            f"(have {len(points)} points, {n_sizes} sizes)"
+            f"(have {len(points)} points, {n_sizes} sizes); {HINT_CHINCHILLA}"
         )
         return
     result = rec.run(f"{metric}|N,D|chinchilla", metric, "N,D", "parameters, tokens", F.fit_chinchilla,
                      points["N"], points["D"], points["loss"], bootstrap=options.chinchilla_bootstrap,
-                     seed=options.seed, groups=points["run_id"])  # fmt: skip
+                     seed=options.seed, groups=points["run_id"], hint=HINT_CHINCHILLA)  # fmt: skip
     if result is None:
         return
     rec.rows[-1]["points"] = source
@@ -400,14 +488,33 @@ def _chinchilla(used, history, metric, pcol, options: AnalysisOptions, rec: _Rec
         fpt, fpt_text = model_fpt, f"C = f(N) D with f = {model_fpt.describe()}"
     except F.InsufficientDataError:
         rec.note("compute-optimal allocation uses C = 6ND: no run logged model.flops_per_image and model.patch_nums")
+    rec.rows[-1]["flops_per_token"] = fpt_text
     compute = used["compute_flops"].astype(float)
     compute = compute[np.isfinite(compute) & (compute > 0)]
-    if len(compute):
+    if not len(compute):
+        rec.note("compute-optimal allocation: no usable run logged its training compute (compute/flops); not made")
+        return
+    with rec.guard("compute-optimal allocation"):
         budgets = np.geomspace(compute.min(), compute.max() * 100, 7)
         table = F.compute_optimal(result, budgets, fpt)
         table.insert(1, "C_pflops", table["C"] / 1e15)
         tables["compute_optimal"] = table
-    rec.rows[-1]["flops_per_token"] = fpt_text
+        if table.attrs.get("diverged"):
+            rec.note(
+                f"compute-optimal allocation: {table.attrs['diverged']} of {table.attrs['replicates']} bootstrap "
+                "replicates have no finite optimum at some budget and were left out of its intervals"
+            )
+        if not np.isfinite(table["N_opt"]).all():
+            rec.note("compute-optimal allocation: the fitted law has no finite optimum at some budgets (shown as -)")
+        if "N_opt_lo" in table.columns:
+            lo, hi = table["N_opt_lo"].to_numpy(dtype=float), table["N_opt_hi"].to_numpy(dtype=float)
+            valid = np.isfinite(lo) & ~np.isnan(hi)
+            with np.errstate(all="ignore"):  # the widest interval speaks for the table
+                span = np.where(valid, np.where(lo > 0, np.log10(hi / lo), np.inf), -np.inf)
+            i = int(np.argmax(span))
+            worst = F.interval_caveat(lo[i], hi[i], "scale", level=result.level) if valid.any() else None
+            if worst:
+                rec.note(f"compute-optimal allocation: N_opt is {worst} at some budgets; read N(C) as unknown")
 
 
 def _fid(runs, used, pcol, options: AnalysisOptions, rec: _Recorder, tables, plots_dir) -> list[Path]:
@@ -420,11 +527,11 @@ def _fid(runs, used, pcol, options: AnalysisOptions, rec: _Recorder, tables, plo
                                 PAPER_FID["N"] / N_UNIT, PAPER_FID["fid"], bootstrap=options.bootstrap,
                                 seed=options.seed)  # fmt: skip
     if column not in runs.columns:
-        rec.note(f"no run logged {metric}; the FID table and fits are skipped")
+        rec.note(f"no run logged {metric}; the FID table and fits are skipped; {HINT_FID}")
         return figures
     with_fid = used[np.isfinite(used[column].astype(float))]
     if not len(with_fid):
-        rec.note(f"no usable run has a finite {metric}")
+        rec.note(f"no usable run has a finite {metric}; the FID table and fits are skipped; {HINT_FID}")
         return figures
     table = with_fid[["point", "depth", pcol, "tokens_seen", "compute_pflops", column]].copy()
     table = table.rename(columns={pcol: "N", column: "fid"}).sort_values("N")
@@ -439,11 +546,13 @@ def _fid(runs, used, pcol, options: AnalysisOptions, rec: _Recorder, tables, plo
     fid_c = rec.run("fid|C|power_law", "FID", "C", "PFLOPs", F.fit_power_law, with_fid["compute_pflops"],
                     with_fid[column], bootstrap=options.bootstrap, seed=options.seed)  # fmt: skip
     reference = PAPER_FID.assign(N=PAPER_FID["N"] / N_UNIT) if options.paper_reference else None
-    fig = P.plot_fid(fid_by_size, fid_n, x_column=pcol, metric=metric, x_scale=1 / N_UNIT, reference=reference,
-                     reference_fit=reference_fit, title="FID vs parameters")  # fmt: skip
-    figures += P.save_figure(fig, plots_dir, "fid_vs_params")
-    fig = P.plot_fid(with_fid, fid_c, x_column="compute_pflops", metric=metric, title="FID vs training compute")
-    figures += P.save_figure(fig, plots_dir, "fid_vs_compute")
+    with rec.guard("plot of FID vs parameters"):
+        fig = P.plot_fid(fid_by_size, fid_n, x_column=pcol, metric=metric, x_scale=1 / N_UNIT, reference=reference,
+                         reference_fit=reference_fit, title="FID vs parameters")  # fmt: skip
+        figures += P.save_figure(fig, plots_dir, "fid_vs_params")
+    with rec.guard("plot of FID vs training compute"):
+        fig = P.plot_fid(with_fid, fid_c, x_column="compute_pflops", metric=metric, title="FID vs training compute")
+        figures += P.save_figure(fig, plots_dir, "fid_vs_compute")
     return figures
 
 
@@ -491,6 +600,23 @@ def _with_ci(row: pd.Series, name: str) -> str:
     return value
 
 
+def _param_cell(row: pd.Series, name: str, fit: F.FitResult | None) -> str:
+    """``value [lo, hi]``, flagged when the parameter is on a bound; an interval that does not constrain the
+    parameter is replaced by the reason (``unconstrained: the 95% interval spans 117 decades``)."""
+    caveat = fit.interval_caveat(name) if fit is not None else None
+    tags = []
+    if fit is not None and name in fit.at_bound:
+        tags.append("on its " + fit.at_bound[name].split(" (")[0])
+    if caveat and caveat.startswith("unconstrained"):
+        value = _num(row.get(name))
+        tags.append(caveat)
+    else:
+        value = _with_ci(row, name)
+        if caveat:
+            tags.append(caveat.split(":")[0])
+    return value + (f" ({'; '.join(tags)})" if tags else "")
+
+
 def _table(frame: pd.DataFrame, columns: list[str], headers: list[str] | None = None) -> str:
     headers = headers or columns
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -499,13 +625,42 @@ def _table(frame: pd.DataFrame, columns: list[str], headers: list[str] | None = 
         for c in columns:
             v = row.get(c)
             cells.append(_num(v) if isinstance(v, (int, float, np.integer, np.floating)) else ("-" if v is None or
-                         (isinstance(v, float) and math.isnan(v)) else str(v)))  # fmt: skip
+                         pd.isna(v) else str(v)))  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def write_report(study: Study, result: AnalysisResult, options: AnalysisOptions) -> Path:
-    """Write ``report.md`` into the result's folder and return its path."""
+def _figure(result: AnalysisResult, name: str, alt: str) -> str | None:
+    """Markdown image of ``plots/<name>.png`` when the analysis drew it, else None (the notes say why)."""
+    drawn = any(Path(f).name == f"{name}.png" for f in result.figures)
+    return f"![{alt}](plots/{name}.png)" if drawn else None
+
+
+def write_report(study: Study, result: AnalysisResult, options: AnalysisOptions, rec: _Recorder | None = None) -> Path:
+    """Write ``report.md`` into the result's folder and return its path.
+
+    Every section is written under :meth:`_Recorder.guard`: one that cannot be written becomes a note, and the
+    notes section comes last, so the report is always written.
+    """
+    rec = rec if rec is not None else _Recorder(options)
+    rec.notes = result.notes  # section failures join the analysis' notes
+    out: list[str | None] = []
+    sections = [("header", _report_header), ("runs table", _report_runs), ("fitted laws", _report_fits),
+                ("frontier section", _report_frontier), ("IsoFLOP section", _report_isoflop),
+                ("L(N, D) section", _report_chinchilla), ("extrapolation section", _report_extrapolation),
+                ("token error section", _report_error), ("FID section", _report_fid),
+                ("loss-per-scale section", _report_scales)]  # fmt: skip
+    for name, section in sections:
+        with rec.guard(f"report: {name}"):
+            out += section(study, result, options)
+    if result.notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in dict.fromkeys(result.notes)] + [""]
+    path = result.out_dir / "report.md"
+    path.write_text("\n".join(line for line in out if line is not None))
+    return path
+
+
+def _report_header(study: Study, result: AnalysisResult, options: AnalysisOptions) -> list[str | None]:
     level = 95
     out = [f"# Scaling report: {', '.join(study.experiments)}", ""]
     out.append(
@@ -516,11 +671,18 @@ def write_report(study: Study, result: AnalysisResult, options: AnalysisOptions)
         + f". Intervals are {level}% bootstrap intervals resampling runs ({options.bootstrap} replicates; "
         f"{options.chinchilla_bootstrap} for L(N, D)), expanded for few runs (Hesterberg 2015: the percentile "
         "interval at the level whose normal quantile is sqrt(g/(g-p)) t_(g-p) of the nominal one, g runs, p "
-        "parameters); with one or two runs more than parameters that is the full range of the replicates."
+        "parameters); with one or two runs more than parameters that is the full range of the replicates. "
+        "Replicates that diverge (non-finite parameters) are dropped and counted in the notes; an interval that "
+        "reaches 0 or infinity or spans "
+        f"{F.UNCONSTRAINED_DECADES:g} or more decades is reported as unconstrained."
     )
     out.append("")
+    return out
+
+
+def _report_runs(study: Study, result: AnalysisResult, options: AnalysisOptions) -> list[str | None]:
     runs, used = result.runs, result.used
-    out += ["## Runs", "", f"{len(runs)} runs loaded, {len(used)} used in fits."]
+    out = ["## Runs", "", f"{len(runs)} runs loaded, {len(used)} used in fits."]
     dropped = runs[~runs["used"]] if "used" in runs.columns else runs.iloc[:0]
     if len(dropped):
         out.append("Left out: " + ", ".join(f"`{r.run_name or r.run_id}` ({r.flag})" for r in dropped.itertuples()))
@@ -530,92 +692,122 @@ def write_report(study: Study, result: AnalysisResult, options: AnalysisOptions)
     if f"final:{options.fid_metric}" in runs.columns:
         cols.append(f"final:{options.fid_metric}")
     cols = [c for c in cols if c in runs.columns]
-    out += [_table(runs.sort_values(["params_total", "tokens_seen"]), cols), ""]
+    order = [c for c in ("params_total", "tokens_seen") if c in runs.columns]
+    out += [_table(runs.sort_values(order) if order else runs, cols), ""]
+    return out
 
+
+def _report_fits(study: Study, result: AnalysisResult, options: AnalysisOptions) -> list[str | None]:
     fits = result.fits
-    if len(fits):
-        out += ["## Fitted laws", ""]
-        out.append("| target | against | form | law | parameters (95% interval) | r | points |")
-        out.append("|---|---|---|---|---|---|---|")
-        names = {"power_law": ["a", "b", "c"], "saturating": ["E", "A", "alpha"], "chinchilla": F.CHINCHILLA_PARAMS[:5]}
-        for _, row in fits.iterrows():
-            params = "; ".join(f"{n} = {_with_ci(row, n)}" for n in names[row["form"]])
-            out.append(
-                f"| {row['target']} | {row['x']} ({row['x_unit']}) | {row['form']} | `{row['law']}` | {params} | "
-                f"{_with_ci(row, 'r') if 'r' in row and pd.notna(row.get('r')) else '-'} | {int(row['n_points'])} |"
-            )
+    if not len(fits):
+        return []
+    out = ["## Fitted laws", ""]
+    out.append("| target | against | form | law | parameters (95% interval) | r | points |")
+    out.append("|---|---|---|---|---|---|---|")
+    names = {"power_law": ["a", "b", "c"], "saturating": ["E", "A", "alpha"], "chinchilla": F.CHINCHILLA_PARAMS[:5]}
+    for _, row in fits.iterrows():
+        fit = result.fit_objects.get(row["key"])
+        params = "; ".join(f"{n} = {_param_cell(row, n, fit)}" for n in names[row["form"]])
+        r = _param_cell(row, "r", fit) if "r" in row and pd.notna(row.get("r")) else "-"
+        out.append(
+            f"| {row['target']} | {row['x']} ({row['x_unit']}) | {row['form']} | `{row['law']}` | {params} | "
+            f"{r} | {int(row['n_points'])} |"
+        )
+    out.append("")
+    if options.paper_reference:
+        out.append(
+            "Paper (ImageNet 256, N in billions): "
+            + ", ".join(f"{k} = {v}" for k, v in PAPER_PARAM_LAWS.items())
+            + "; against the compute-optimal frontier L = (2.2e-5 C)^-0.13 and (1.5e-5 C)^-0.16 "
+            "(r about -0.99; the pairing with avg/last is uncertain)."
+        )
         out.append("")
-        if options.paper_reference:
-            out.append(
-                "Paper (ImageNet 256, N in billions): "
-                + ", ".join(f"{k} = {v}" for k, v in PAPER_PARAM_LAWS.items())
-                + "; against the compute-optimal frontier L = (2.2e-5 C)^-0.13 and (1.5e-5 C)^-0.16 "
-                "(r about -0.99; the pairing with avg/last is uncertain)."
-            )
-            out.append("")
-        out += ["![loss vs parameters](plots/loss_vs_params.png)", ""]
+    out += [_figure(result, "loss_vs_params", "loss vs parameters"), ""]
+    return out
 
+
+def _report_frontier(study: Study, result: AnalysisResult, options: AnalysisOptions) -> list[str | None]:
     frontier_keys = [k for k in result.tables if k.startswith("frontier_")]
-    if frontier_keys:
-        out += ["## Compute-optimal frontier", ""]
-        out.append(
-            "Lower envelope of the loss against training compute over every used run's history (a point is on it "
-            "when no run reached a lower loss with less compute), thinned to one point per log-spaced compute bin."
-        )
+    if not frontier_keys:
+        return []
+    runs = result.runs
+    out = ["## Compute-optimal frontier", ""]
+    out.append(
+        "Lower envelope of the loss against training compute over every used run's history (a point is on it "
+        "when no run reached a lower loss with less compute), thinned to one point per log-spaced compute bin."
+    )
+    out.append("")
+    for key in frontier_keys:
+        table = result.tables[key]
+        if not len(table):
+            continue
+        metric = table["metric"].iloc[0]
+        summary = table.groupby("run_id").agg(first_C=("compute", "min"), last_C=("compute", "max"))
+        summary = summary.join(runs.set_index("run_id")[["point", "params_total"]]).sort_values("first_C")
+        out.append(f"**{metric}**: {len(table)} frontier points from {len(summary)} runs.")
         out.append("")
-        for key in frontier_keys:
-            table = result.tables[key]
-            if not len(table):
-                continue
-            metric = table["metric"].iloc[0]
-            summary = table.groupby("run_id").agg(first_C=("compute", "min"), last_C=("compute", "max"))
-            summary = summary.join(runs.set_index("run_id")[["point", "params_total"]]).sort_values("first_C")
-            out.append(f"**{metric}**: {len(table)} frontier points from {len(summary)} runs.")
-            out.append("")
-            out.append(_table(summary.reset_index(), ["point", "params_total", "first_C", "last_C"],
-                              ["run (point)", "N", "on frontier from C (PFLOPs)", "to C"]))  # fmt: skip
-            out += ["", f"![loss vs compute](plots/loss_vs_compute_{_slug(metric)}.png)", ""]
+        out.append(_table(summary.reset_index(), ["point", "params_total", "first_C", "last_C"],
+                          ["run (point)", "N", "on frontier from C (PFLOPs)", "to C"]))  # fmt: skip
+        out += ["", _figure(result, f"loss_vs_compute_{_slug(metric)}", "loss vs compute"), ""]
+    return out
 
+
+def _report_isoflop(study: Study, result: AnalysisResult, options: AnalysisOptions) -> list[str | None]:
     iso = result.tables.get("isoflop")
-    if iso is not None and len(iso):
-        out += ["## IsoFLOP minima", "", f"Source: {iso['source'].iloc[0]}; parabola of loss in log N per budget.", ""]
-        out += [_table(iso, ["compute", "n_runs", "N_opt_billions", "loss_opt", "method"],
-                       ["C (PFLOPs)", "sizes", "N_opt (billions)", "loss at N_opt", "method"]), ""]  # fmt: skip
+    if iso is None or not len(iso):
+        return []
+    out = ["## IsoFLOP minima", "", f"Source: {iso['source'].iloc[0]}; parabola of loss in log N per budget.", ""]
+    out += [_table(iso, ["compute", "n_runs", "N_opt_billions", "loss_opt", "method"],
+                   ["C (PFLOPs)", "sizes", "N_opt (billions)", "loss at N_opt", "method"]), ""]  # fmt: skip
+    return out
 
+
+def _report_chinchilla(study: Study, result: AnalysisResult, options: AnalysisOptions) -> list[str | None]:
+    fits = result.fits
     chin = fits[fits["form"] == "chinchilla"] if len(fits) else fits
-    out += ["## Two-variable law L(N, D) (Hoffmann et al. approach 3)", ""]
-    if len(chin):
-        row = chin.iloc[0]
-        out.append(
-            f"Fitted on {row.get('points', 'final values')} ({int(row['n_points'])} points): "
-            f"`{row['law']}`; Huber (delta 1e-3) on log loss, L-BFGS from {int(row['n_starts'])} starts."
-        )
+    out = ["## Two-variable law L(N, D) (Hoffmann et al. approach 3)", ""]
+    if not len(chin):
+        return out + ["Not fitted (see notes).", ""]
+    row = chin.iloc[0]
+    fit = result.fit_objects.get(row["key"])
+    out.append(
+        f"Fitted on {row.get('points', 'final values')} ({int(row['n_points'])} points): "
+        f"`{row['law']}`; Huber (delta 1e-3) on log loss, L-BFGS from {int(row['n_starts'])} starts."
+    )
+    out.append("")
+    for name in F.CHINCHILLA_PARAMS:
+        out.append(f"- {name} = {_param_cell(row, name, fit)}")
+    out.append("")
+    opt = result.tables.get("compute_optimal")
+    if opt is not None and len(opt):
+        out.append(f"Compute-optimal allocation, {row.get('flops_per_token', 'C = 6ND')}:")
         out.append("")
-        for name in F.CHINCHILLA_PARAMS:
-            out.append(f"- {name} = {_with_ci(row, name)}")
+        out.append(_table(opt.assign(N_b=opt["N_opt"] / N_UNIT, N_lo=opt.get("N_opt_lo", np.nan) / N_UNIT,
+                                     N_hi=opt.get("N_opt_hi", np.nan) / N_UNIT),
+                          ["C_pflops", "N_b", "N_lo", "N_hi", "D_opt", "loss_opt"],
+                          ["C (PFLOPs)", "N_opt (billions)", "lo", "hi", "D_opt (tokens)", "loss"]))  # fmt: skip
         out.append("")
-        opt = result.tables.get("compute_optimal")
-        if opt is not None and len(opt):
-            out.append(f"Compute-optimal allocation, {row.get('flops_per_token', 'C = 6ND')}:")
-            out.append("")
-            out.append(_table(opt.assign(N_b=opt["N_opt"] / N_UNIT, N_lo=opt.get("N_opt_lo", np.nan) / N_UNIT,
-                                         N_hi=opt.get("N_opt_hi", np.nan) / N_UNIT),
-                              ["C_pflops", "N_b", "N_lo", "N_hi", "D_opt", "loss_opt"],
-                              ["C (PFLOPs)", "N_opt (billions)", "lo", "hi", "D_opt (tokens)", "loss"]))  # fmt: skip
-            out.append("")
-    else:
-        out += ["Not fitted (see notes).", ""]
+    return out
 
+
+def _report_extrapolation(study: Study, result: AnalysisResult, options: AnalysisOptions) -> list[str | None]:
     ext = result.tables.get("extrapolation")
-    if ext is not None and len(ext):
-        out += ["## Extrapolation", "", "Predictions beyond the largest model / compute, with bootstrap intervals.", ""]
-        out += [_table(ext, ["target", "x", "form", "factor", "at", "y", "y_lo", "y_hi"],
-                       ["target", "against", "form", "times max", "at", "prediction", "lo", "hi"]), ""]  # fmt: skip
+    if ext is None or not len(ext):
+        return []
+    out = ["## Extrapolation", "", "Predictions beyond the largest model / compute, with bootstrap intervals.", ""]
+    out += [_table(ext, ["target", "x", "form", "factor", "at", "y", "y_lo", "y_hi"],
+                   ["target", "against", "form", "times max", "at", "prediction", "lo", "hi"]), ""]  # fmt: skip
+    return out
 
-    if any(str(f).endswith("error_vs_params.png") for f in result.figures):
-        out += ["## Token error vs parameters", "", "![token error](plots/error_vs_params.png)", ""]
 
-    out += ["## FID across model sizes", ""]
+def _report_error(study: Study, result: AnalysisResult, options: AnalysisOptions) -> list[str | None]:
+    figure = _figure(result, "error_vs_params", "token error")
+    return ["## Token error vs parameters", "", figure, ""] if figure else []
+
+
+def _report_fid(study: Study, result: AnalysisResult, options: AnalysisOptions) -> list[str | None]:
+    fits = result.fits
+    out = ["## FID across model sizes", ""]
     fid = result.tables.get("fid_by_size")
     if fid is not None and len(fid):
         cols = ["point", "depth", "N", "tokens_seen", "compute_pflops", "fid"]
@@ -624,7 +816,9 @@ def write_report(study: Study, result: AnalysisResult, options: AnalysisOptions)
             cols.append("paper_fid")
             heads.append("paper FID (ImageNet 256)")
         out += [_table(fid, cols, heads), ""]
-        out += ["![FID vs parameters](plots/fid_vs_params.png) ![FID vs compute](plots/fid_vs_compute.png)", ""]
+        figures = [_figure(result, "fid_vs_params", "FID vs parameters"),
+                   _figure(result, "fid_vs_compute", "FID vs compute")]  # fmt: skip
+        out += [" ".join(f for f in figures if f), ""]
     else:
         out += ["No FID logged by the used runs.", ""]
     if options.paper_reference:
@@ -635,15 +829,12 @@ def write_report(study: Study, result: AnalysisResult, options: AnalysisOptions)
         if len(paper):
             text += f"; refitted in the paper's form: `{paper.iloc[0]['law']}`"
         out += [text + ".", ""]
+    return out
 
-    if any(str(f).endswith("loss_per_scale_vs_depth.png") for f in result.figures):
-        out += ["## Loss per scale vs depth", "", "![loss per scale](plots/loss_per_scale_vs_depth.png)", ""]
 
-    if result.notes:
-        out += ["## Notes", ""] + [f"- {n}" for n in dict.fromkeys(result.notes)] + [""]
-    path = result.out_dir / "report.md"
-    path.write_text("\n".join(line for line in out if line is not None))
-    return path
+def _report_scales(study: Study, result: AnalysisResult, options: AnalysisOptions) -> list[str | None]:
+    figure = _figure(result, "loss_per_scale_vs_depth", "loss per scale")
+    return ["## Loss per scale vs depth", "", figure, ""] if figure else []
 
 
 __all__ = [

@@ -143,7 +143,8 @@ def load_study(
         (columns ``run_id, step, compute, metric, value``).
 
     Raises:
-        ValueError: no tracking URI, an unknown experiment (the message lists the available ones), a bad backend.
+        ValueError: no tracking URI, an unknown experiment (the message lists the available ones), experiments
+            without any run, a bad backend.
         FileNotFoundError: a ``sqlite:///`` URI whose database file does not exist.
     """
     t0 = time.perf_counter()
@@ -180,6 +181,12 @@ def load_study(
     try:
         exp_frame = reader.resolve_experiments(experiments)
         raw_runs = reader.runs(exp_frame["experiment_id"].tolist())
+        if not len(raw_runs):
+            names = ", ".join(repr(n) for n in exp_frame["experiment"])
+            raise ValueError(
+                f"experiment {names} in {reader.where()} has no runs: nothing to analyse (train into it first, "
+                "e.g. var-lab sweep launch, or pick another experiment)"
+            )
         raw_runs = raw_runs.merge(exp_frame, on="experiment_id", how="left")
         params = reader.params(raw_runs["run_id"].tolist())
         tags = reader.tags(raw_runs["run_id"].tolist())
