@@ -45,13 +45,59 @@ def new_figure(width: float = 6.4, height: float = 4.6) -> tuple[Figure, object]
     return fig, ax
 
 
+#: mantissas of labelled ticks on a short log axis, coarse to fine: the first set that gives enough ticks is used
+_TICK_MANTISSAS = ((1.0,), (1.0, 3.0), (1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0), tuple(float(m) for m in range(1, 10)))
+#: a log axis spanning fewer decades than this gets plain labelled ticks (matplotlib labels only whole decades)
+_SHORT_LOG_DECADES = 2.0
+
+
+def _tick_label(value: float, _pos=None) -> str:
+    """Plain numbers where they read well (0.7, 2, 150), scientific notation otherwise (2e-05, 3e+06)."""
+    return f"{value:g}" if 1e-3 <= abs(value) < 1e5 or value == 0 else f"{value:.3g}"
+
+
+def _short_log_ticks(lo: float, hi: float, minimum: int = 4) -> np.ndarray:
+    """Tick values for a log axis from lo to hi (< ~2 decades): the coarsest 1-2-5-like set with ``minimum`` ticks
+    inside, else the finest; an axis too short for even 3 of those (e.g. 251..257) gets evenly spaced nice ticks."""
+    decades = np.arange(np.floor(np.log10(lo)) - 1, np.ceil(np.log10(hi)) + 1)
+    best = np.zeros(0)
+    for mantissas in _TICK_MANTISSAS:
+        ticks = np.array([m * 10.0**d for d in decades for m in mantissas])
+        best = ticks[(ticks >= lo * (1 - 1e-9)) & (ticks <= hi * (1 + 1e-9))]
+        if len(best) >= minimum:
+            break
+    if len(best) >= 3:
+        # 1..9 crowd the top of each decade: keep ticks at least a tenth of the axis apart (in log)
+        gap = np.log10(hi / lo) / 10
+        kept = [best[0]]
+        for tick in best[1:]:
+            if np.log10(tick / kept[-1]) >= gap * (1 - 1e-9):
+                kept.append(tick)
+        return np.array(kept)
+    ticks = mticker.MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+    return ticks[(ticks >= lo) & (ticks <= hi) & (ticks > 0)]
+
+
 def _plain_ticks(ax) -> None:
-    """On a log axis spanning less than ~1.5 decades, label ticks as plain numbers (6, 7, 8 rather than 6x10^0)."""
-    formatter = mticker.FuncFormatter(lambda v, _: f"{v:g}")
+    """Readable ticks on every log axis spanning less than ~2 decades.
+
+    Matplotlib labels a log axis at whole decades only (and NullFormats the minor ticks once the axis spans more
+    than a decade), so a loss axis from 0.6 to 3 shows the single label "1", and one from 0.2 to 0.6 none at all.
+    Such an axis gets labelled ticks at 1-2-5-like values (or evenly spaced ones when it is shorter still) written
+    as plain numbers; ticks placed by the caller (a FixedLocator, e.g. one tick per depth) keep their places and
+    get the plain labels. Longer axes keep matplotlib's decade ticks.
+    """
     for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
-        if axis.get_scale() == "log" and lo > 0 and hi / lo < 30:
-            axis.set_major_formatter(formatter)
-            axis.set_minor_formatter(formatter if hi / lo < 4 else mticker.NullFormatter())
+        lo, hi = min(lo, hi), max(lo, hi)
+        if axis.get_scale() != "log" or not (lo > 0 and np.isfinite(hi)) or hi / lo >= 10**_SHORT_LOG_DECADES:
+            continue
+        if not isinstance(axis.get_major_locator(), mticker.FixedLocator):
+            ticks = _short_log_ticks(lo, hi)
+            if len(ticks) < 2:
+                continue
+            axis.set_major_locator(mticker.FixedLocator(ticks))
+        axis.set_major_formatter(mticker.FuncFormatter(_tick_label))
+        axis.set_minor_formatter(mticker.NullFormatter())
 
 
 def save_figure(fig: Figure, out_dir: str | Path, name: str, dpi: int = 150) -> list[Path]:
@@ -278,6 +324,10 @@ def plot_scale_losses(
         y = frame[column].to_numpy(dtype=float)
         ok = np.isfinite(y) & (y > 0)
         ax.plot(x[ok], y[ok], marker="o", ms=3, color=cmap(k + 1.0), label=label)
+    if 0 < len(x) <= 12 and np.all(x > 0):  # one labelled tick per depth (a log axis labels only decades)
+        ax.xaxis.set_major_locator(mticker.FixedLocator(x))
+        ax.xaxis.set_major_formatter(mticker.FuncFormatter(_tick_label))
+        ax.xaxis.set_minor_formatter(mticker.NullFormatter())
     ax.set_xlabel(AXIS_LABELS.get(x_column, x_column))
     ax.set_ylabel("loss (nats)")
     ax.set_title(title)
