@@ -4,7 +4,9 @@ Variants (each measured, so every optimisation has a before and after):
     sdpa         PyTorch SDPA with the dense block-causal mask: the release's configuration on the H100 baseline
     math         the release's own slow_attn arithmetic (scores materialised; runs out of memory at batch 64)
     flex         FlexAttention block mask (compiled kernel), blocks eager
-    flex+compile FlexAttention and torch.compile of every block (fuses LayerNorm, AdaLN modulation, GELU)
+    flex+compile FlexAttention and torch.compile of the whole forward as one graph
+    flex+regional FlexAttention and the block's teacher-forcing path compiled once for all blocks (what
+                 `var-lab fit --trainer.compile true` does)
     +ckpt        activation checkpointing of the blocks (memory for compute; for the largest depths)
 
 Each step is what ``VARModule.training_step`` does with token files: teacher-forcing input from the token ids through
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -47,7 +50,11 @@ def build(depth: int, variant: str, device: torch.device) -> tuple[VQVAE, VAR, t
     var = VAR(vqvae=vqvae, depth=depth, attn_impl=impl).to(device).train()
     if "compile" in variant:
         var.block_causal_mask(device)  # built eagerly, outside the traced graph
-        var.compile(dynamic=False)  # the whole forward as one graph (per-block compile recompiles per block)
+        var.compile(dynamic=False)  # the whole forward as one graph
+    elif "regional" in variant:
+        # what `var-lab fit --trainer.compile true` does: the repeated block compiled once, shared by all blocks
+        for block in var.blocks:
+            block.compile_teacher_forcing(dynamic=False)
     var.activation_checkpointing = "ckpt" in variant
     opt = torch.optim.AdamW(var.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
     return vqvae, var, opt
@@ -84,7 +91,11 @@ def run(depths, variants, batches, repeats: int, peak: float) -> list[dict]:
             try:
                 vqvae, var, opt = build(depth, variant, device)
                 step = make_step(vqvae, var, opt, batch, device)
-                seconds = time_cuda(step, warmup=3, repeats=repeats)
+                t0 = time.perf_counter()
+                step()
+                torch.cuda.synchronize()
+                first_step_s = time.perf_counter() - t0  # compilation included
+                seconds = time_cuda(step, warmup=2, repeats=repeats)
             except torch.OutOfMemoryError:
                 print(f"depth {depth} batch {batch} {variant}: out of memory")
                 rows.append({"benchmark": "train_step", "depth": depth, "batch": batch, "variant": variant,
@@ -103,6 +114,7 @@ def run(depths, variants, batches, repeats: int, peak: float) -> list[dict]:
                     "batch": batch,
                     "variant": variant,
                     "step_s": seconds,
+                    "first_step_s": first_step_s,
                     "images_per_s": images_per_s,
                     "tflops": tflops,
                     "pct_matmul_peak": 100 * tflops / peak,

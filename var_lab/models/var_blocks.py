@@ -71,23 +71,39 @@ class LayerKVCache:
         return self.k_BHLc[:, :, :end], self.v_BHLc[:, :, :end]
 
 
-def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
-    """Stochastic depth per sample, rescaled by the keep probability."""
-    if drop_prob == 0.0 or not training:
-        return x
-    keep_prob = 1 - drop_prob
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    keep = x.new_empty(shape).bernoulli_(keep_prob)
-    return x * keep.div_(keep_prob)
-
-
 class DropPath(nn.Module):
+    """Stochastic depth with the rate in a (non-persistent) 0-d buffer, not a Python float.
+
+    torch.compile specialises on Python floats read in ``forward`` (a guard ``drop_prob == 0.0312...``), so blocks
+    with different rates could not share one compiled graph: dynamo recompiled once per block and gave up after its
+    recompile limit. As a tensor the rate is a graph input, and the 16-30 blocks of a VAR share one graph. The
+    buffer is not in the state dict (the released checkpoints have no such key). A rate of 0 (the first block)
+    keeps every sample exactly (a mask of ones): every block has the same module types, hence one graph.
+    """
+
     def __init__(self, drop_prob: float = 0.0):
         super().__init__()
-        self.drop_prob = drop_prob
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
+        self.register_buffer("keep_prob", torch.tensor(1.0 - drop_prob), persistent=False)
+
+    @property
+    def drop_prob(self) -> float:
+        return 1.0 - float(self.keep_prob)
+
+    @drop_prob.setter
+    def drop_prob(self, value: float) -> None:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1), got {value}")
+        self.keep_prob.fill_(1.0 - value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return drop_path(x, self.drop_prob, self.training)
+        if not self.training:
+            return x
+        # per sample, rescaled by the keep probability
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        keep = torch.bernoulli(self.keep_prob.expand(shape)).div_(self.keep_prob)
+        return x * keep.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.4f}"
@@ -198,7 +214,7 @@ class AdaLNSelfAttn(nn.Module):
         super().__init__()
         self.C = embed_dim
         self.D = cond_dim
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path)  # also at rate 0, so that every block has the same code to compile
         self.attn = SelfAttention(embed_dim, num_heads, attn_drop=attn_drop, proj_drop=drop, attn_l2_norm=attn_l2_norm)
         self.ffn = FFN(embed_dim, round(embed_dim * mlp_ratio), drop=drop)
         self.ln_wo_grad = nn.LayerNorm(embed_dim, eps=norm_eps, elementwise_affine=False)
@@ -217,7 +233,28 @@ class AdaLNSelfAttn(nn.Module):
             return (self.ada_gss + cond).unbind(2)
         return self.ada_lin(cond).view(-1, 1, 6, self.C).unbind(2)
 
+    def compile_teacher_forcing(self, **compile_kwargs) -> None:
+        """torch.compile this block's teacher-forcing path (training and validation; sampling stays eager).
+
+        Regional compilation: every block of a VAR runs the same code with the same shapes and no per-block Python
+        constants (see ``DropPath``), so dynamo compiles one graph per (mode, batch shape) and all blocks reuse it.
+        The KV-cached sampling path, whose shapes change at every scale, is not compiled.
+        """
+        self._compiled_tf = torch.compile(self._forward, **compile_kwargs)
+
     def forward(
+        self,
+        x_BLC: torch.Tensor,
+        cond: torch.Tensor,
+        mask: Optional[BlockCausalMask],
+        kv_cache: Optional[LayerKVCache] = None,
+    ) -> torch.Tensor:
+        compiled = self.__dict__.get("_compiled_tf")
+        if compiled is not None and kv_cache is None and not torch.compiler.is_compiling():
+            return compiled(x_BLC, cond, mask)
+        return self._forward(x_BLC, cond, mask, kv_cache)
+
+    def _forward(
         self,
         x_BLC: torch.Tensor,
         cond: torch.Tensor,

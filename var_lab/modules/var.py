@@ -122,10 +122,18 @@ class VARModule(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def setup(self, stage: str) -> None:
         if self.cfg.trainer.compile and not self._compiled:
-            # One graph for the whole teacher-forcing forward: per-block compilation would recompile for every
-            # block (their drop-path rates differ) and hit dynamo's recompile limit.
-            self.var.block_causal_mask(self.device)  # built eagerly, outside the traced graph
-            self.var.compile(dynamic=False)
+            # Regional compilation: the repeated block's teacher-forcing path is compiled once and shared by every
+            # block (no per-block constants: DropPath keeps its rate in a tensor), while the embeddings, the mask
+            # and the head run eagerly. Compiling the whole forward instead (VAR_LAB_COMPILE_SCOPE=model, kept for
+            # benchmarks/fit_from_tokens.py) traces the mask on its first call (setup runs before Lightning moves
+            # the model to the GPU, which empties the mask cache) and recompiles for every new
+            # (mode, batch) pair; past dynamo's recompile limit it fell back to compiling each block as its own
+            # frame, once per drop-path rate.
+            if os.environ.get("VAR_LAB_COMPILE_SCOPE", "block") == "model":
+                self.var.compile(dynamic=False)
+            else:
+                for block in self.var.blocks:
+                    block.compile_teacher_forcing(dynamic=False)
             self._compiled = True
 
     def on_fit_start(self) -> None:
