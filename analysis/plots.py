@@ -13,6 +13,7 @@ is drawn over its data (and a little beyond) with the law and its Pearson r in t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,8 +46,15 @@ def new_figure(width: float = 6.4, height: float = 4.6) -> tuple[Figure, object]
     return fig, ax
 
 
-#: mantissas of labelled ticks on a short log axis, coarse to fine: the first set that gives enough ticks is used
-_TICK_MANTISSAS = ((1.0,), (1.0, 3.0), (1.0, 2.0, 5.0), (1.0, 2.0, 3.0, 5.0), tuple(float(m) for m in range(1, 10)))
+#: mantissas of labelled ticks on a short log axis, coarse to fine: the first set that covers the axis is used
+_TICK_MANTISSAS = (
+    (1.0,),
+    (1.0, 3.0),
+    (1.0, 2.0, 5.0),
+    (1.0, 2.0, 3.0, 5.0),
+    tuple(float(m) for m in range(1, 10)),
+    (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0),
+)
 #: a log axis spanning fewer decades than this gets plain labelled ticks (matplotlib labels only whole decades)
 _SHORT_LOG_DECADES = 2.0
 
@@ -57,25 +65,32 @@ def _tick_label(value: float, _pos=None) -> str:
 
 
 def _short_log_ticks(lo: float, hi: float, minimum: int = 4) -> np.ndarray:
-    """Tick values for a log axis from lo to hi (< ~2 decades): the coarsest 1-2-5-like set with ``minimum`` ticks
-    inside, else the finest; an axis too short for even 3 of those (e.g. 251..257) gets evenly spaced nice ticks."""
+    """Tick values for a log axis from lo to hi (less than ~2 decades).
+
+    The coarsest 1-2-5-like set with at least ``minimum`` ticks inside and no stretch of the axis (in log, ends
+    included) over a third of it without a tick; ticks closer than a tenth of the axis are thinned. An axis too
+    short for any set (e.g. FID 245..280) gets evenly spaced nice ticks.
+    """
+    span = math.log10(hi / lo)
     decades = np.arange(np.floor(np.log10(lo)) - 1, np.ceil(np.log10(hi)) + 1)
-    best = np.zeros(0)
     for mantissas in _TICK_MANTISSAS:
         ticks = np.array([m * 10.0**d for d in decades for m in mantissas])
-        best = ticks[(ticks >= lo * (1 - 1e-9)) & (ticks <= hi * (1 + 1e-9))]
-        if len(best) >= minimum:
+        inside = ticks[(ticks >= lo * (1 - 1e-9)) & (ticks <= hi * (1 + 1e-9))]
+        if len(inside) < minimum:
+            continue
+        gaps = np.diff(np.log10(np.r_[lo, inside, hi]))
+        if gaps.max() <= span / 3:
+            kept = [inside[0]]  # the finer sets crowd the top of each decade: thin to a tenth of the axis
+            for tick in inside[1:]:
+                if math.log10(tick / kept[-1]) >= span / 10 * (1 - 1e-9):
+                    kept.append(tick)
+            return np.array(kept)
+    for bins in (4, 5, 6, 8):
+        ticks = mticker.MaxNLocator(nbins=bins, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+        inside = ticks[(ticks >= lo) & (ticks <= hi) & (ticks > 0)]
+        if len(inside) >= 3:
             break
-    if len(best) >= 3:
-        # 1..9 crowd the top of each decade: keep ticks at least a tenth of the axis apart (in log)
-        gap = np.log10(hi / lo) / 10
-        kept = [best[0]]
-        for tick in best[1:]:
-            if np.log10(tick / kept[-1]) >= gap * (1 - 1e-9):
-                kept.append(tick)
-        return np.array(kept)
-    ticks = mticker.MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
-    return ticks[(ticks >= lo) & (ticks <= hi) & (ticks > 0)]
+    return inside
 
 
 def _plain_ticks(ax) -> None:

@@ -374,7 +374,11 @@ def _isoflop(used, history, metric, pcol, rec: _Recorder) -> pd.DataFrame:
             rec.run("N_opt|C|power_law", "N_opt", "C", "PFLOPs", F.fit_power_law, inside["compute"],
                     inside["N_opt"] / N_UNIT)  # fmt: skip
     else:
-        rec.note("IsoFLOP minima: no compute budget reached by 3 or more model sizes")
+        rec.note(
+            "IsoFLOP minima: no compute budget reached by 3 or more model sizes; 3 or more sizes trained to a "
+            "common compute budget (an IsoFLOP sweep), or longer histories that overlap in compute, would make it "
+            "possible"
+        )
     return table
 
 
