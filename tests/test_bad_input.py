@@ -89,6 +89,18 @@ def test_unknown_top_level_key_and_a_section_that_is_not_a_mapping(tmp_path, cap
     assert "'model' must be a mapping, got int" in capsys.readouterr().err
 
 
+def test_option_names_are_checked_but_abbreviations_still_work(capsys):
+    from var_lab.config import FitConfig
+    from var_lab.train import parse_config
+
+    assert parse_config(FitConfig, ["--model.dept", "3"], "var-lab fit", "").model.depth == 3  # argparse's prefix
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(FitConfig, ["--xyzzy", "3"], "var-lab fit", "")
+    assert exit_info.value.code == 2
+    expected = "var-lab fit: error: unknown option --xyzzy (var-lab fit --help lists every option)\n"
+    assert capsys.readouterr().err == expected
+
+
 @pytest.mark.parametrize("depth", ["0", "-2"])
 def test_invalid_depth_is_refused_before_anything_is_loaded(tmp_path, capsys, depth):
     assert fit("--config", str(small_config(tmp_path)), "--model.depth", depth) == 2

@@ -193,10 +193,11 @@ def check_option_names(parser: argparse.ArgumentParser, argv: list[str]) -> None
         if not arg.startswith("--"):
             continue
         name = arg.split("=", 1)[0]
-        if name not in known:
-            suggestion = nearest(name, sorted(k for k in known if k.startswith("--")))
-            hint = f"did you mean {suggestion}? " if suggestion else ""
-            raise BadInputError(f"unknown option {name}; {hint}({parser.prog} --help lists every option)")
+        if name in known or (parser.allow_abbrev and any(k.startswith(name) for k in known)):
+            continue  # a prefix is argparse's abbreviation (an ambiguous one is argparse's error)
+        suggestion = nearest(name, sorted(k for k in known if k.startswith("--")))
+        hint = f"; did you mean {suggestion}?" if suggestion else ""
+        raise BadInputError(f"unknown option {name}{hint} ({parser.prog} --help lists every option)")
 
 
 def report(prog: str, error: BaseException) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -107,9 +108,15 @@ def _first_line(path: Path) -> str:
 
 
 def _error_summary(path: Path) -> str:
-    """The most telling line of a FAILED file: its first line (the lead writes 'Type: message' there)."""
+    """The most telling line of a FAILED file: its first line (the lead writes 'Type: message' there), or, in one the
+    launcher wrote ('var-lab fit ended with exit code 2' and the log's tail), the command's own error line (a command
+    refusing bad input writes nothing itself)."""
     text = path.read_text(errors="replace").strip() if path.exists() else ""
     lines = [line for line in text.splitlines() if line.strip()]
+    if lines and re.match(r"var-lab \S+ ended with ", lines[0]):
+        errors = [line for line in lines[1:] if re.match(r"var-lab [\w-]+: (error|failed): ", line)]
+        if errors:
+            return errors[-1][:300]
     return lines[0][:300] if lines else "failed (no message)"
 
 
