@@ -40,6 +40,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from var_lab.atomic import write_atomic
+from var_lab.gpu import out_of_memory_message, require_cuda
 from var_lab.inputs import ArgumentParser, BadInputError, check_output_dir, positive_int
 from var_lab.metrics.fid import (
     DatasetImages,
@@ -211,7 +212,7 @@ def sample_and_extract(
                 img_B3HW = var.sample(
                     labels_B, cfg=sampling.cfg, top_k=sampling.top_k, top_p=sampling.top_p, generator=generator
                 )
-            img_B3HW = to_uint8(img_B3HW).contiguous()
+            img_B3HW = to_uint8(img_B3HW)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t1 = time.perf_counter()
@@ -717,12 +718,6 @@ def _load_model(args: argparse.Namespace, device: torch.device):
         }
     var.vqvae.to(device).eval()
     var.to(device).eval()
-    if device.type == "cuda":
-        # The decoder's bf16 convolutions run on the tensor cores in NHWC: channels_last spares cuDNN a layout
-        # transform around every conv (the decoder is ~40% of a sample's FLOPs). Its output is made contiguous
-        # again before the Inception features, which stay torch-fidelity's fp32 NCHW path.
-        var.vqvae.post_quant_conv.to(memory_format=torch.channels_last)
-        var.vqvae.decoder.to(memory_format=torch.channels_last)
     return var, info, model_params
 
 
@@ -772,6 +767,7 @@ def eval_main(argv: list[str]) -> int:
 
     from var_lab.metrics.fid_weights import InceptionScoreUnavailableError, MissingInceptionWeightsError, weights_info
 
+    require_cuda(args.device, "--device")
     device, started = _init_distributed(args.device)
     rank, world = distributed_context()
     try:
@@ -860,6 +856,9 @@ def eval_main(argv: list[str]) -> int:
         raise  # var_lab.cli reports it (exit 2)
     except (MissingInceptionWeightsError, InceptionScoreUnavailableError, FileNotFoundError, ValueError) as error:
         print(f"var-lab eval: {error}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError as error:
+        print(out_of_memory_message("eval", error), file=sys.stderr)
         return 1
     finally:
         if started:

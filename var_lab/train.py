@@ -22,6 +22,7 @@ import yaml
 
 from var_lab.atomic import write_atomic
 from var_lab.config import FitConfig, FitTokenizerConfig, TrainerConfig, from_dict, to_dict
+from var_lab.gpu import out_of_memory_message, require_cuda
 from var_lab.inputs import (
     TOKENIZER_CKPT_FIX,
     BadInputError,
@@ -432,7 +433,8 @@ def _run(cfg, output_dir: Path, kind: str, body) -> int:
             write_atomic(output_dir / "FAILED", text)
         if isinstance(exc, KeyboardInterrupt):
             raise
-        print(f"var-lab {kind}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        message = out_of_memory_message(kind, exc) or f"var-lab {kind}: failed: {type(exc).__name__}: {exc}"
+        print(message, file=sys.stderr)
         return 1
     if rank == 0 and summary is not None:
         write_atomic(output_dir / "DONE", json.dumps(summary, indent=2, sort_keys=True))
@@ -509,6 +511,7 @@ def fit_main(argv: list[str]) -> int:
     """``var-lab fit``: train a VAR transformer of a given depth."""
     cfg = parse_config(FitConfig, argv, "var-lab fit", "Train a VAR transformer (size knob: --model.depth).")
     check_fit_inputs(cfg)  # a BadInputError here leaves everything as it was (var_lab.cli reports it)
+    require_cuda(cfg.trainer.accelerator, "--trainer.accelerator")
     return _run(cfg, Path(cfg.output_dir).resolve(), "fit", lambda: fit(cfg))
 
 
@@ -553,4 +556,5 @@ def fit_tokenizer_main(argv: list[str]) -> int:
     """``var-lab fit-tokenizer``: train the multi-scale VQVAE tokenizer."""
     cfg = parse_config(FitTokenizerConfig, argv, "var-lab fit-tokenizer", "Train the multi-scale VQVAE tokenizer.")
     check_fit_tokenizer_inputs(cfg)
+    require_cuda(cfg.trainer.accelerator, "--trainer.accelerator")
     return _run(cfg, Path(cfg.output_dir).resolve(), "fit-tokenizer", lambda: fit_tokenizer(cfg))
