@@ -430,8 +430,10 @@ BAD_INPUT_CASES = [
 
 
 @pytest.mark.parametrize("name", BAD_INPUT_CASES)
-def test_bad_input_through_the_real_cli_is_one_line_and_touches_nothing(world, name, tmp_path):
+def test_bad_input_through_the_real_cli_is_one_line_and_touches_nothing(world, name, tmp_path, request):
     argv, needles = _case(world, name, tmp_path)
+    if name == "eval-text-checkpoint":  # eval looks for the FID weights first: give it some
+        argv += ["--weights", str(request.getfixturevalue("converted_weights"))]
     before = _snapshot(world["root"])
     cwd = tmp_path / "cwd"  # an empty working directory: relative defaults (outputs/var, samples) land here
     cwd.mkdir()

