@@ -2,17 +2,22 @@
 
 :func:`analyze` runs every fit the study supports and writes everything into one folder; parts that the study cannot
 support (too few sizes for a two-variable law, no FID logged, ...) are skipped with a note in the report instead of
-failing. Units follow the VAR paper so that fitted laws compare directly with its numbers: N in billions of
-parameters, C in PFLOPs of training compute, D in tokens.
+failing. Every fit, table, plot and report section goes through one :class:`_Recorder`: a part that cannot be made
+is a note (what, why, what would make it possible), and a part that fails for any other reason is a note saying it
+failed unexpectedly, with its traceback in ``errors.log``; ``report.md`` is always written. Fits carry their caveats
+into the report (bootstrap replicates dropped, parameters on a bound, intervals that do not constrain). Units follow
+the VAR paper so that fitted laws compare directly with its numbers: N in billions of parameters, C in PFLOPs of
+training compute, D in tokens.
 
 Folder layout::
 
     report.md                       fitted laws with intervals, frontier, IsoFLOP minima, FID table, notes
     runs.csv                        the runs frame (every run, with ``used`` and ``flag``)
-    fits.csv                        one row per fit: target, form, parameters, intervals, r
+    fits.csv                        one row per fit: target, form, parameters, intervals, r, caveats
     frontier_<metric>.csv           compute-optimal frontier points
     isoflop.csv, compute_optimal.csv, extrapolation.csv, fid_by_size.csv
     plots/*.png, plots/*.svg
+    errors.log                      only when a part failed unexpectedly: its traceback
 """
 
 from __future__ import annotations

@@ -298,6 +298,23 @@ def test_recorder_turns_any_failure_into_a_note():
     assert not rec.rows and not rec.objects
 
 
+def test_report_is_written_even_when_the_whole_analysis_fails(store, tmp_path):
+    from analysis.report import AnalysisOptions, analyze
+    from analysis.runs import load_study
+
+    write_study(store, "bad-options", [RunSpec(depth=1), RunSpec(depth=2)])
+    study = load_study("bad-options", store)
+    out = tmp_path / "report"
+    # a column the runs frame lacks: usable_runs raises KeyError before any fit
+    result = analyze(study, out, AnalysisOptions(params_column="params_nonexistent", bootstrap=5))
+    report = _report(out)
+    assert result.report == out / "report.md" and "## Runs" in report and "2 runs loaded, 0 used in fits." in report
+    assert "the analysis: failed unexpectedly (KeyError:" in report and "params_nonexistent" in report
+    assert "KeyError" in (out / "errors.log").read_text()
+    analyze(study, out, AnalysisOptions(bootstrap=5))  # a later good analysis into the same folder removes it
+    assert not (out / "errors.log").exists() and "failed unexpectedly" not in _report(out)
+
+
 def test_empty_and_missing_experiments_are_one_line_errors(store, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
@@ -371,13 +388,26 @@ _runs = st.builds(
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
 @given(
     runs=st.integers(1, 6).flatmap(lambda n: st.lists(_runs, min_size=n, max_size=n)),
-    irreducible=st.sampled_from([None, None, None, 0.01]),
+    options=st.lists(
+        st.sampled_from(
+            [
+                ("--irreducible", "0.01"),
+                ("--irreducible", "5"),
+                ("--chinchilla-points", "history"),
+                ("--chinchilla-points", "final"),
+                ("--paper-reference",),
+                ("--params-column", "params_blocks"),
+            ]
+        ),
+        max_size=2,
+        unique=True,
+    ),  # fmt: skip
 )
-def test_analyze_writes_a_report_for_any_small_study(store, tmp_path_factory, runs, irreducible):
+def test_analyze_writes_a_report_for_any_small_study(store, tmp_path_factory, runs, options):
     experiment = f"fuzz-{next(_EXPERIMENTS)}"
     write_study(store, experiment, runs)
     out = tmp_path_factory.mktemp("fuzz") / "report"
-    extra = ["--irreducible", str(irreducible)] if irreducible is not None else []
+    extra = [word for option in options for word in option]
     assert _analyze(store, experiment, out, *extra) == 0
     report = _report(out)
     assert report.startswith(f"# Scaling report: {experiment}") and "## Runs" in report
