@@ -276,6 +276,13 @@ class FitTokenizerConfig:
     """AdamW betas."""
     weight_decay: float = 0.0
     """Weight decay."""
+    final_lr_ratio: float = 1.0
+    """The learning rate decays linearly to this fraction of lr by the last step (1: constant)."""
+    dead_code_restart_every: int = 10
+    """Every N optimiser steps, move each dead code (see dead_code_threshold) onto a residual vector of the current
+    batch, the cure for codebook collapse; 0 disables. The lookup is unchanged, so the released format is kept."""
+    dead_code_threshold: float = 0.03
+    """A code is dead when its hits (EMA, summed over scales) are under this fraction of a uniform share."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """Trainer."""
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="var-lab-tokenizer"))

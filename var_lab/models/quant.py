@@ -204,6 +204,61 @@ class MultiScaleQuantizer(nn.Module):
         return [(self.ema_vocab_hit_SV[si] >= margin).float().mean().item() * 100 for si in range(self.num_scales)]
 
     @torch.no_grad()
+    def residual_vectors(self, f_BChw: torch.Tensor) -> torch.Tensor:
+        """Every residual vector the quantizer looks up, over all scales: (B, Cvae, H, W) -> (N, Cvae).
+
+        Scale k contributes B * p_k^2 rows (the area-downsampled residual that scale k's nearest-code search sees).
+        These are the candidates a dead code is restarted to.
+        """
+        f_rest = f_BChw.detach().float().clone()
+        rows = []
+        for si, pn in enumerate(self.patch_nums):
+            rest = f_rest if si == self.num_scales - 1 else F.interpolate(f_rest, size=(pn, pn), mode="area")
+            rows.append(rest.permute(0, 2, 3, 1).reshape(-1, self.Cvae))
+            _, h_BChw = self._quantize_scale(f_rest, si)
+            f_rest.sub_(h_BChw)
+        return torch.cat(rows)
+
+    @torch.no_grad()
+    def dead_codes(self, threshold: float) -> torch.Tensor:
+        """Codes whose hits, summed over scales, are under ``threshold`` of a uniform share: (V,) bool.
+
+        Uses the EMA of hits (``update_usage``); all False before the first update.
+        """
+        if int(self.num_usage_updates) == 0:
+            return torch.zeros(self.vocab_size, dtype=torch.bool, device=self.ema_vocab_hit_SV.device)
+        hits_V = self.ema_vocab_hit_SV.sum(0)
+        return hits_V < threshold * hits_V.sum() / self.vocab_size
+
+    @torch.no_grad()
+    def restart_codes(self, dead_V: torch.Tensor, candidates_NC: torch.Tensor) -> int:
+        """Move every dead code onto a candidate vector and give it a uniform share of the usage EMA.
+
+        The standard cure for codebook collapse (dead-code restarts, as in Jukebox / SoundStream): a code that no
+        residual selects gets no gradient and would stay dead; placed on a residual it is selected at once.
+        The nearest-code lookup itself is unchanged, so trained codebooks keep the released format.
+
+        Args:
+            dead_V: (V,) bool, which codes to move.
+            candidates_NC: (n, Cvae) vectors to draw from, in order (the caller shuffles them; every process of a
+                distributed run must pass the same rows so that the codebooks stay identical). Drawn with repetition
+                when there are more dead codes than rows.
+
+        Returns:
+            The number of codes moved.
+        """
+        idx_dead = torch.nonzero(dead_V, as_tuple=False).flatten()
+        n = int(idx_dead.numel())
+        if n == 0 or candidates_NC.shape[0] == 0:
+            return 0
+        rows = torch.arange(n, device=candidates_NC.device) % candidates_NC.shape[0]
+        weight = self.embedding.weight
+        weight.data[idx_dead] = candidates_NC[rows].to(weight.dtype)
+        uniform = self.ema_vocab_hit_SV.sum(1, keepdim=True) / self.vocab_size
+        self.ema_vocab_hit_SV[:, idx_dead] = uniform.expand(-1, n)
+        return n
+
+    @torch.no_grad()
     def f_to_idx(self, f_BChw: torch.Tensor) -> list[torch.Tensor]:
         """Token indices per scale of a latent: (B, Cvae, H, W) -> list of (B, p * p)."""
         B, _, H, W = f_BChw.shape

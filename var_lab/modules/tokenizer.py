@@ -2,8 +2,14 @@
 
 Losses: L1 + L2 reconstruction, VQ + commitment, optional LPIPS perceptual loss (local weights only, never a
 download), optional patch discriminator (hinge loss) with the adaptive weight of taming-transformers. Logged:
-``train/loss``, ``train/rec_l1``, ``train/rec_l2``, ``train/vq``, ``train/usage_scale_<k>`` (codebook usage in %),
-``val/psnr``, ``val/ssim``, ``val/rec_l1`` and a reconstruction grid.
+``train/loss``, ``train/rec_l1``, ``train/rec_l2``, ``train/vq``, ``train/usage_scale_<k>`` (codebook usage in %, the
+release's EMA measure), ``train/dead_codes_restarted``, ``val/psnr``, ``val/ssim``, ``val/rec_l1``,
+``val/usage_scale_<k>`` (% of the codebook hit on the validation set at scale k), ``val/psnr_scale_<k>`` (PSNR of the
+reconstruction from scales 0..k) and a reconstruction grid.
+
+Codebook collapse (a handful of codes used, the rest never selected and so never trained) is cured by dead-code
+restarts: every ``dead_code_restart_every`` steps, codes hit less than ``dead_code_threshold`` of a uniform share move
+onto residual vectors of the current batch. Measured on the demo's Fashion-MNIST tokenizer (docs/tokenizer.md).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from torch import nn
 
 from var_lab.config import FitTokenizerConfig, TokenizerModelConfig, from_dict, to_dict
 from var_lab.models.vqvae import VQVAE
+from var_lab.modules.schedules import release_lr_ratio
 from var_lab.resilience import restore_rng_states, rng_states
 
 
@@ -176,10 +183,20 @@ class TokenizerModule(L.LightningModule):
         opt = torch.optim.AdamW(
             self.vqvae.parameters(), lr=self.cfg.lr, betas=tuple(self.cfg.betas), weight_decay=self.cfg.weight_decay
         )
-        if self.discriminator is None:
-            return opt
-        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=self.cfg.lr, betas=tuple(self.cfg.betas))
-        return [opt, opt_d]
+        optimizers = [opt]
+        if self.discriminator is not None:
+            optimizers.append(
+                torch.optim.AdamW(self.discriminator.parameters(), lr=self.cfg.lr, betas=tuple(self.cfg.betas))
+            )
+        if self.cfg.final_lr_ratio == 1.0:
+            return optimizers[0] if len(optimizers) == 1 else optimizers
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+
+        def ratio(step: int) -> float:
+            return release_lr_ratio(step, 0, total, 1.0, self.cfg.final_lr_ratio)
+
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, ratio) for o in optimizers]
+        return optimizers, schedulers
 
     def _reconstruction_losses(self, img: torch.Tensor, rec: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {"rec_l1": F.l1_loss(rec, img), "rec_l2": F.mse_loss(rec, img)}
@@ -215,6 +232,8 @@ class TokenizerModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opt.step()
+        for scheduler in self._schedulers():
+            scheduler.step()
         if use_disc:
             opt_d = optimizers[1]
             real = self.discriminator(img)
@@ -228,6 +247,9 @@ class TokenizerModule(L.LightningModule):
             if dist.is_available() and dist.is_initialized():
                 dist.all_reduce(hits_SV)
             self.vqvae.quantize.update_usage(hits_SV)
+            every = self.cfg.dead_code_restart_every
+            if every > 0 and (self.global_step + 1) % every == 0:
+                self._restart_dead_codes(img)
         B = img.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=B)
         self.log("train/vq", vq_loss, batch_size=B)
@@ -237,12 +259,45 @@ class TokenizerModule(L.LightningModule):
         for k, usage in enumerate(self.vqvae.quantize.usage_percent(vectors)):
             self.log(f"train/usage_scale_{k}", usage, batch_size=B)
 
+    def _schedulers(self) -> list:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return []
+        return schedulers if isinstance(schedulers, list) else [schedulers]
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, img_B3HW: torch.Tensor) -> None:
+        """Move dead codes onto shuffled residual vectors of this batch (rank 0's, broadcast: codebooks stay equal)."""
+        quantizer = self.vqvae.quantize
+        dead_V = quantizer.dead_codes(self.cfg.dead_code_threshold)  # same on every rank: hits were all-reduced
+        n_dead = int(dead_V.sum())
+        if n_dead:
+            rows_NC = quantizer.residual_vectors(self.vqvae.encode(img_B3HW))
+            rows_NC = rows_NC[torch.randperm(rows_NC.shape[0], device=rows_NC.device)[:n_dead]].contiguous()
+            if dist.is_available() and dist.is_initialized():
+                dist.broadcast(rows_NC, src=0)  # every rank has at least as many rows: the same batch shape
+            quantizer.restart_codes(dead_V, rows_NC)
+        self.log("train/dead_codes_restarted", float(n_dead), batch_size=img_B3HW.shape[0])
+
+    def on_validation_epoch_start(self) -> None:
+        quantizer = self.vqvae.quantize
+        self._val_hits_SV = torch.zeros(quantizer.num_scales, quantizer.vocab_size, device=self.device)
+        self._val_sq_err_S = torch.zeros(quantizer.num_scales, device=self.device, dtype=torch.float64)
+        self._val_pixels = torch.zeros((), device=self.device, dtype=torch.float64)
+
     def validation_step(self, batch, batch_idx: int) -> None:
         img, _ = batch
-        rec, vq_loss, _ = self.vqvae(img)
+        rec, vq_loss, hits_SV = self.vqvae(img)
         rec = rec.clamp(-1, 1)
         self.val_psnr(rec, img)
         self.val_ssim(rec, img)
+        self._val_hits_SV += hits_SV
+        # reconstruction from the first k + 1 scales' tokens: how much each scale adds
+        idx_list = self.vqvae.img_to_idx(img)
+        for k in range(len(idx_list)):
+            rec_k = self.vqvae.idx_to_img(idx_list[: k + 1])
+            self._val_sq_err_S[k] += (rec_k.double() - img.double()).square().sum()
+        self._val_pixels += img.numel()
         B = img.shape[0]
         self.log("val/rec_l1", F.l1_loss(rec, img), batch_size=B, sync_dist=True, prog_bar=True)
         self.log("val/vq", vq_loss, batch_size=B, sync_dist=True)
@@ -250,6 +305,21 @@ class TokenizerModule(L.LightningModule):
         self.log("val/ssim", self.val_ssim, batch_size=B)
         if batch_idx == 0 and self.global_rank == 0 and not self.trainer.sanity_checking:
             self._save_grid(img[:8], rec[:8])
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/usage_scale_<k>``: % of the codebook hit at least once on the validation set at scale k;
+        ``val/psnr_scale_<k>``: PSNR (dB, images in [-1, 1]) of the reconstruction from scales 0..k."""
+        hits_SV, sq_err_S, pixels = self._val_hits_SV, self._val_sq_err_S, self._val_pixels
+        if dist.is_available() and dist.is_initialized():
+            for t in (hits_SV, sq_err_S, pixels):
+                dist.all_reduce(t)
+        if float(pixels) == 0:
+            return
+        usage_S = (hits_SV > 0).float().mean(1) * 100
+        psnr_S = 10 * torch.log10(4.0 / (sq_err_S / pixels))  # data range 2
+        for k in range(len(usage_S)):
+            self.log(f"val/usage_scale_{k}", float(usage_S[k]), rank_zero_only=True)
+            self.log(f"val/psnr_scale_{k}", float(psnr_S[k]), rank_zero_only=True)
 
     def _save_grid(self, img: torch.Tensor, rec: torch.Tensor) -> None:
         from torchvision.utils import save_image
