@@ -210,7 +210,7 @@ def test_local_launch_idempotent_failed_marked_and_resume_retries_only_failed(tm
     finished = [r for r in runs if r.data.tags.get("var_lab.point") == "depth=1"]
     assert len(finished) == 1 and finished[0].data.tags["var_lab.sweep"] == "tiny"
 
-    # launching again: the finished run is skipped, the failed one left alone (resume retries it)
+    # launching again: the finished run is skipped, the failed run left alone (resume retries it)
     second = var_lab("sweep", "launch", str(path))
     assert second.returncode == 1
     assert "skip   depth=1: finished" in second.stdout and "skip   depth=2: failed" in second.stdout
@@ -226,6 +226,24 @@ def test_local_launch_idempotent_failed_marked_and_resume_retries_only_failed(tm
     assert len(starts(d1)) == 1 and len(starts(d2)) == 2
     points = sorted(r.data.tags["var_lab.point"] for r in mlflow_runs(uri, "tiny") if r.info.status == "FINISHED")
     assert points[-2:] == ["depth=1", "depth=2"] or points == ["depth=1", "depth=2"]
+
+
+@pytest.mark.slow
+def test_launch_again_retries_a_failed_stage_but_not_the_finished_run(tmp_path, fashion_mnist_dir):
+    blocker = tmp_path / "report_is_a_file"
+    blocker.write_text("not a folder\n")
+    path = tiny_sweep(tmp_path, depths=(1,), extra=f"analyze: {{out: {blocker}}}\n")
+    sweep_dir = tmp_path / "out" / "tiny"
+    first = var_lab("sweep", "launch", str(path))
+    assert first.returncode != 0, first.stdout + first.stderr
+    assert (sweep_dir / "analyze" / "FAILED").exists() and (sweep_dir / "depth=1" / "DONE").exists()
+    # the same command again, once the cause is gone: the failed stage runs again, the finished run does not
+    blocker.unlink()
+    second = var_lab("sweep", "launch", str(path))
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "start  analyze (retry failed)" in second.stdout and "skip   depth=1: finished" in second.stdout
+    assert (blocker / "report.md").is_file() and (sweep_dir / "analyze" / "DONE").exists()
+    assert len(starts(sweep_dir / "depth=1")) == 1 and len(starts(sweep_dir / "analyze")) == 2
 
 
 @pytest.mark.slow

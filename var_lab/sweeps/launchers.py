@@ -4,8 +4,8 @@ Shared rules:
 
 - **Idempotent.** A task whose folder holds ``DONE`` is skipped; an unfinished one is started again and the training
   resumes from its checkpoints (``resume: auto``) into the same MLflow run (``mlflow_run_id`` in the run folder).
-  ``launch`` starts pending and unfinished tasks and leaves failed ones alone; ``resume`` retries failed and
-  unfinished ones and starts nothing new.
+  ``launch`` starts pending and unfinished tasks and retries failed stages (tokenizer, tokenize, eval, analyze) but
+  leaves failed training runs alone; ``resume`` retries failed and unfinished ones and starts no new run.
 - **One owner per task.** Before starting a task the launcher creates ``<task_dir>/.claim`` with ``O_CREAT | O_EXCL``
   (JSON: owner, host, pid and process start time, or the SLURM job id). A second ``launch`` finds the claim and skips
   the task while its owner is alive: the pid on this host, or the SLURM job per ``squeue``. A claim whose owner is
@@ -660,7 +660,9 @@ class Launcher:
             elif name in ("running", "queued"):
                 decisions[task.name] = ("skip", f"{name} ({state.owner})")
             elif name == "failed":
-                if self.mode == "resume":
+                # A stage (tokenizer, tokenize, eval, analyze) is derived from its inputs: running the sweep again is
+                # how a fixed stage gets its retry. A failed training run waits for `resume`: it may have diverged.
+                if self.mode == "resume" or task.stage != "run":
                     decisions[task.name] = ("start", "retry failed")
                 else:
                     decisions[task.name] = ("skip", "failed (retry with `var-lab sweep resume`)")
