@@ -103,7 +103,12 @@ class OptimConfig:
     """The release's optimiser and schedule (VAR_FACTS.md)."""
 
     base_lr: float = 1e-4
-    """Learning rate per 256 images of global batch: lr = base_lr * global_batch / 256."""
+    """Learning rate per 256 images of global batch: lr = base_lr * global_batch / 256 (times reference_width / width
+    when reference_width is set)."""
+    reference_width: Optional[int] = None
+    """Width at which base_lr holds; wider models get lr * reference_width / width (Adam's muP rule for hidden
+    matrices, applied to every parameter), so one base_lr serves a whole depth sweep. None: no width scaling (the
+    release tuned base_lr per depth instead)."""
     betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
     weight_decay: float = 0.05

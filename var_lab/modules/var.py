@@ -87,8 +87,11 @@ class VARModule(L.LightningModule):
 
     @property
     def peak_lr(self) -> float:
-        """The release's rule: lr = base_lr * global_batch / 256."""
-        return self.cfg.optim.base_lr * self.global_batch / 256
+        """The release's rule lr = base_lr * global_batch / 256, times reference_width / width when that is set."""
+        lr = self.cfg.optim.base_lr * self.global_batch / 256
+        if self.cfg.optim.reference_width is not None:
+            lr *= self.cfg.optim.reference_width / self.var.C
+        return lr
 
     def mlflow_params(self) -> dict[str, Any]:
         """Params of the MLflow contract (DESIGN.md)."""
@@ -103,6 +106,7 @@ class VARModule(L.LightningModule):
             "train.global_batch": self.global_batch,
             "train.epochs": self.cfg.trainer.max_epochs,
             "train.base_lr": self.cfg.optim.base_lr,
+            "train.reference_width": self.cfg.optim.reference_width or "",
             "train.peak_lr": self.peak_lr,
             "train.final_lr_ratio": self.cfg.optim.final_lr_ratio,
             "train.weight_decay": self.cfg.optim.weight_decay,
