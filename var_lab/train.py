@@ -21,94 +21,19 @@ from typing import Any, Optional
 import yaml
 
 from var_lab.atomic import write_atomic
-from var_lab.config import FitConfig, FitTokenizerConfig, TrainerConfig, from_dict, to_dict
+from var_lab.config import FitConfig, FitTokenizerConfig, TrainerConfig, parse_argv, to_dict
 from var_lab.gpu import out_of_memory_message, require_cuda
 from var_lab.inputs import (
     TOKENIZER_CKPT_FIX,
     BadInputError,
     check_checkpoint_file,
-    check_option_names,
     check_output_dir,
     checkpoint_load_errors,
 )
 
-
 # ---------------------------------------------------------------------------------------------------------------- CLI
-def build_parser(cls: type, prog: str, description: str):
-    """A jsonargparse parser for a config dataclass: ``--config FILE`` plus ``--a.b value`` overrides."""
-    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
-
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    # exit_on_error=False: parse_config reports errors in one line instead of after the whole usage
-    parser = ArgumentParser(prog=prog, description=description, default_env=False, exit_on_error=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
-    parser.add_class_arguments(cls, nested_key=None, fail_untyped=False)
-    return parser
-
-
-def check_config_file(cls: type, path: str) -> None:
-    """Refuse a ``--config`` file that is missing, a folder, empty, not valid YAML, or holds keys the config lacks.
-
-    jsonargparse would report these too, but without the file, the line or the key path.
-
-    Raises:
-        BadInputError: naming the file and the line (malformed YAML) or the key path and the allowed keys.
-    """
-    file = Path(path)
-    fix = "pass a YAML file of run options (examples: configs/*.yaml)"
-    if file.is_dir():
-        raise BadInputError(f"config file {path} is a folder, not a YAML file; {fix}")
-    if not file.is_file():
-        raise BadInputError(f"config file {path} does not exist; {fix}")
-    try:
-        text = file.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise BadInputError(f"config file {path} cannot be read ({err}); {fix}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
-        context = getattr(err, "context", None)
-        raise BadInputError(f"{path}: malformed YAML{where}: {problem}" + (f" ({context})" if context else "")) from err
-    if data is None:
-        raise BadInputError(f"config file {path} is empty (no options in it); {fix}, or leave --config out")
-    if isinstance(data, dict):
-        # A section may be given as the path of another YAML file (jsonargparse reads it); only mappings are checked.
-        defaults = cls()
-        sections = {f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(getattr(defaults, f.name))}
-        data = {key: value for key, value in data.items() if not (key in sections and isinstance(value, str))}
-    try:
-        from_dict(cls, data, str(path))
-    except ValueError as err:
-        raise BadInputError(str(err)) from None
-
-
-def parse_config(cls: type, argv: list[str], prog: str, description: str):
-    """Parse argv into a config dataclass instance.
-
-    Bad input (a missing, empty or malformed ``--config`` file, an unknown key or option, a value of the wrong type)
-    exits with 2 and one line on stderr naming the file, key or option (and the nearest valid name for a typo).
-    """
-    from jsonargparse import ArgumentError
-
-    parser = build_parser(cls, prog, description)
-    try:
-        check_option_names(parser, argv)
-        for index, arg in enumerate(argv):
-            path = argv[index + 1] if arg == "--config" and index + 1 < len(argv) else None
-            path = arg.split("=", 1)[1] if arg.startswith("--config=") else path
-            if path is not None:
-                check_config_file(cls, path)
-        ns = parser.instantiate_classes(parser.parse_args(argv))
-    except (BadInputError, ArgumentError) as err:
-        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-        if isinstance(err, ArgumentError):
-            message += f" ({prog} --help lists every option)"
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls)})
+#: ``parse_config(cls, argv, prog, description)``: the run config from ``--config`` files and ``--a.b`` overrides
+parse_config = parse_argv
 
 
 # -------------------------------------------------------------------------------------------------------- utilities
@@ -283,22 +208,16 @@ FIT_TOKENIZER_ARCHITECTURE_KEYS = {"tokenizer": FIT_ARCHITECTURE_KEYS["tokenizer
 
 
 def check_patch_schedule(tokenizer_cfg, data_cfg) -> None:
-    """Refuse a scale schedule the tokenizer cannot produce for the data.
+    """Refuse a scale schedule the tokenizer cannot produce for the data (the schedule itself is checked by
+    ``TokenizerModelConfig``; this is the rule between two sections).
 
     Raises:
-        BadInputError: ``tokenizer.patch_nums`` not strictly increasing positive integers (at least two), or (for image
-            data) its last side differs from the latent side ``data.resolution / 2 ** (len(ch_mult) - 1)``.
+        BadInputError: (for image data) the last side of ``tokenizer.patch_nums`` differs from the latent side
+            ``data.resolution / 2 ** (len(ch_mult) - 1)``.
     """
-    patch_nums = list(tokenizer_cfg.patch_nums)
-    valid = all(isinstance(p, int) and not isinstance(p, bool) and p >= 1 for p in patch_nums)
-    if len(patch_nums) < 2 or not valid or any(b <= a for a, b in zip(patch_nums, patch_nums[1:])):
-        raise BadInputError(
-            f"tokenizer.patch_nums={patch_nums} is invalid: it must list at least two strictly increasing positive "
-            "scale sides, smallest first, the last one equal to the latent side (e.g. [1, 2, 3, 4, 6, 8] for 32px "
-            "images with ch_mult [1, 2, 2])"
-        )
     if data_cfg.name == "tokens":
         return  # the token cache records its patch_nums; TokenDataModule checks them against the tokenizer
+    patch_nums = list(tokenizer_cfg.patch_nums)
     down = 2 ** (len(tokenizer_cfg.ch_mult) - 1)
     resolution = data_cfg.resolution
     if resolution % down or resolution // down != patch_nums[-1]:
@@ -309,16 +228,6 @@ def check_patch_schedule(tokenizer_cfg, data_cfg) -> None:
             f"patch_nums ending at "
             f"{resolution // down} or data.resolution {patch_nums[-1] * down}."
         )
-
-
-def check_fit_config(cfg: FitConfig) -> None:
-    """Refuse an invalid depth or scale schedule before anything is loaded (``BadInputError`` naming the key)."""
-    depth = cfg.model.depth
-    if not isinstance(depth, int) or isinstance(depth, bool) or depth < 1:
-        raise BadInputError(
-            f"model.depth={depth!r} is invalid: the depth must be an integer >= 1 (width = 64 * depth, heads = depth)"
-        )
-    check_patch_schedule(cfg.tokenizer, cfg.data)
 
 
 def check_run_paths(cfg: Any) -> None:
@@ -333,8 +242,9 @@ def check_run_paths(cfg: Any) -> None:
 
 
 def check_fit_inputs(cfg: FitConfig) -> None:
-    """Every check of ``var-lab fit`` that needs no model or data: depth, scales, checkpoint paths, output folder."""
-    check_fit_config(cfg)
+    """Every check of ``var-lab fit`` that needs no model or data: scales, checkpoint paths, output folder (the
+    config's own values were checked when it was built)."""
+    check_patch_schedule(cfg.tokenizer, cfg.data)
     if cfg.tokenizer_ckpt:
         check_checkpoint_file(cfg.tokenizer_ckpt, "tokenizer_ckpt", TOKENIZER_CKPT_FIX)
     check_run_paths(cfg)

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from var_lab.atomic import write_atomic
-from var_lab.config import DataConfig, TokenizerModelConfig
+from var_lab.config import DataConfig, TokenizerModelConfig, from_namespace
 from var_lab.data.folders import build_image_dataset, find_classes, fixed_subset
 from var_lab.data.tokens import (
     CACHE_FORMAT,
@@ -446,10 +446,12 @@ def tokenize_main(argv: list[str]) -> int:
         print(f"var-lab tokenize: error: {err}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    data_config = DataConfig(**vars(args.data)) if not isinstance(args.data, DataConfig) else args.data
-    model_config = args.tokenizer
-    if not isinstance(model_config, TokenizerModelConfig):
-        model_config = TokenizerModelConfig(**vars(model_config))
+    try:  # the sections' value checks, as for `var-lab fit` (var_lab.config)
+        data_config = from_namespace(DataConfig, args.data, "data.")
+        model_config = from_namespace(TokenizerModelConfig, args.tokenizer, "tokenizer.")
+    except BadInputError as err:
+        print(f"var-lab tokenize: error: {err}", file=sys.stderr)
+        return 2
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
 
     created_group = False

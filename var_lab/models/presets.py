@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from var_lab.config import DEPTH_RULE, depth_is_valid, invalid_message
+
 # The release's recipe for ImageNet 256 (VAR_FACTS.md). Batch is the global batch.
 _RELEASE_RECIPES = {
     16: dict(global_batch=768, epochs=200, base_lr=1e-4, alng=1e-3, final_lr_ratio=0.1, final_weight_decay=0.05),
@@ -59,8 +61,8 @@ def from_depth(depth: int) -> VARPreset:
 
     Depths without a released recipe take the recipe of the nearest released depth (ties go to the smaller).
     """
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
+    if not depth_is_valid(depth):
+        raise ValueError(invalid_message("depth", depth, DEPTH_RULE))
     nearest = min(_RELEASE_RECIPES, key=lambda d: (abs(d - depth), d))
     source = f"release d{nearest}" if nearest == depth else f"release d{nearest} (nearest to d{depth})"
     return VARPreset(depth=depth, recipe_source=source, **_RELEASE_RECIPES[nearest])

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from var_lab.config import DEPTH_RULE, depth_is_valid, invalid_message
 from var_lab.models.presets import drop_path_for, width_for
 from var_lab.models.sampling import cfg_ratio, guided_logits, sample_top_k_top_p
 from var_lab.models.var_blocks import (
@@ -75,8 +76,8 @@ class VAR(nn.Module):
         z_channels: Optional[int] = None,
     ):
         super().__init__()
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
+        if not depth_is_valid(depth):
+            raise ValueError(invalid_message("depth", depth, DEPTH_RULE))
         embed_dim = width_for(depth) if embed_dim is None else embed_dim
         num_heads = depth if num_heads is None else num_heads
         if embed_dim % num_heads:

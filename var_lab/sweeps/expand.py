@@ -24,15 +24,15 @@ from typing import Any, Optional
 
 import yaml
 
-from var_lab.config import FitConfig, FitTokenizerConfig, from_dict, to_dict
+from var_lab.config import ConfigError, FitConfig, FitTokenizerConfig, from_dict, to_dict
 from var_lab.sweeps.schema import (
     GLOBAL_BATCH_KEY,
     Resources,
     Sweep,
     SweepError,
-    _check_config_mapping,
     axis_label,
     build_resources,
+    config_layer,
     flatten,
     format_value,
     load_yaml,
@@ -118,7 +118,7 @@ def parse_sets(sweep: Sweep, sets: Optional[list[str]]) -> dict:
         def err(message: str, where: Optional[str] = None) -> SweepError:
             return SweepError(message, file="command line", key=(where or "").removeprefix("--set."))
 
-        flat.update(_check_config_mapping(sweep.config_class, {key.strip(): value}, "--set", err, True))
+        flat.update(config_layer(sweep.config_class, {key.strip(): value}, "--set", err, allow_resources=True))
     return flat
 
 
@@ -195,9 +195,9 @@ def finalize_config(
             )
         flat["data.batch_size"] = global_batch // denominator
     try:
-        cfg = from_dict(cls, nest(flat), source=f"{sweep.source}: {where}")
-    except (ValueError, TypeError) as exc:
-        raise sweep.error(str(exc), where) from None
+        cfg = from_dict(cls, nest(flat))
+    except ConfigError as exc:
+        raise sweep.error(exc.message, where) from None
     return to_dict(cfg)
 
 

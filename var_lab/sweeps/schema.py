@@ -85,19 +85,25 @@ would see a handler already there and install none, and submitit would requeue w
 from __future__ import annotations
 
 import copy
-import dataclasses
-import functools
-import math
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from var_lab import config as config_module
-from var_lab.config import FitConfig, FitTokenizerConfig
+from var_lab.config import (
+    ConfigError,
+    FitConfig,
+    FitTokenizerConfig,
+    Section,
+    at_least,
+    check_keys,
+    from_dict,
+    in_range,
+    invalid_message,
+    require,
+)
 
 KINDS = ("var", "tokenizer")
 LAUNCHERS = ("slurm", "torchrun", "local")
@@ -115,6 +121,8 @@ OWNED_KEYS = {
     "trainer.devices": "resources.gpus_per_node",
     "trainer.num_nodes": "resources.nodes",
 }
+#: sbatch options the launcher writes from ``resources``
+LAUNCHER_SBATCH = ("signal", "nodes", "ntasks-per-node", "ntasks_per_node", "time", "output", "error")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 _PLACEHOLDER_RE = re.compile(r"(?i)(placeholder|/path/to/|<[^>]*>|changeme|set[-_ ]me)")
 
@@ -218,11 +226,11 @@ def load_yaml(text: str, source: str) -> tuple[Any, dict[tuple, int]]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The sweep dataclasses
+# The sweep file's sections: typed dataclasses, checked by the run config's own path (var_lab.config.from_dict)
 
 
 @dataclass
-class Resources:
+class Resources(Section):
     """What one run asks for (one SLURM job, one torchrun, or one local process group)."""
 
     nodes: int = 1
@@ -235,8 +243,21 @@ class Resources:
     qos: Optional[str] = None
     constraint: Optional[str] = None
     signal_delay_s: int = 120
-    setup: list = field(default_factory=list)
-    sbatch: dict = field(default_factory=dict)
+    setup: list[str] = field(default_factory=list)
+    sbatch: dict[str, Union[bool, int, float, str]] = field(default_factory=dict)
+
+    def check(self) -> None:
+        at_least(self, "nodes", 1)
+        at_least(self, "gpus_per_node", 0)
+        at_least(self, "cpus_per_task", 1)
+        at_least(self, "mem_gb", 0, strict=True)
+        at_least(self, "time_min", 1)
+        at_least(self, "signal_delay_s", 0)
+        for option in self.sbatch:
+            rule = f"'{option}' is set by the launcher from resources; remove it from resources.sbatch"
+            require(self, "sbatch", option not in LAUNCHER_SBATCH, rule)
+        rule = f"it must be shorter than the time limit ({self.time_min} min)"
+        require(self, "signal_delay_s", self.signal_delay_s < self.time_min * 60, rule)
 
     @property
     def processes_per_node(self) -> int:
@@ -249,33 +270,38 @@ class Resources:
 
 
 @dataclass
-class TrackingSpec:
+class TrackingSpec(Section):
     uri: Optional[str] = None
     experiment: Optional[str] = None
 
 
 @dataclass
-class TorchrunSpec:
+class TorchrunSpec(Section):
     rdzv_endpoint: Optional[str] = None
     rdzv_backend: str = "c10d"
     max_restarts: int = 0
 
+    def check(self) -> None:
+        ok = self.rdzv_endpoint is None or re.match(r"^[^:\s]+:\d+$", self.rdzv_endpoint) is not None
+        require(self, "rdzv_endpoint", ok, "HOST:PORT")
+        at_least(self, "max_restarts", 0)
+
 
 @dataclass
-class TokenizerStage:
+class TokenizerStage(Section):
     checkpoint: Optional[str] = None
     train: Optional[dict] = None
     resources: Optional[dict] = None
 
 
 @dataclass
-class TokenizeStage:
+class TokenizeStage(Section):
     resources: Optional[dict] = None
-    args: list = field(default_factory=list)
+    args: list[str] = field(default_factory=list)
 
 
 @dataclass
-class EvalStage:
+class EvalStage(Section):
     num_samples: int = 500
     per_class: Optional[int] = None
     cfg: float = 1.5
@@ -284,15 +310,52 @@ class EvalStage:
     reference: Optional[str] = None
     batch_size: Optional[int] = None
     seed: int = 0
-    args: list = field(default_factory=list)
+    args: list[str] = field(default_factory=list)
+    resources: Optional[dict] = None
+
+    def check(self) -> None:
+        for name in ("num_samples", "per_class", "batch_size"):
+            at_least(self, name, 1)
+        at_least(self, "cfg", 0)
+        at_least(self, "top_k", 0)
+        in_range(self, "top_p", 0, 1)
+
+
+@dataclass
+class AnalyzeStage(Section):
+    out: Optional[str] = None
+    args: list[str] = field(default_factory=list)
     resources: Optional[dict] = None
 
 
 @dataclass
-class AnalyzeStage:
-    out: Optional[str] = None
-    args: list = field(default_factory=list)
+class SweepFile(Section):
+    """The top level of a sweep file (see the module docstring); the sections are checked one by one after it."""
+
+    name: str = "sweep"
+    kind: Literal["var", "tokenizer"] = "var"
+    description: str = ""
+    output_root: str = "outputs/sweeps"
+    launcher: Literal["slurm", "torchrun", "local"] = "local"
+    tracking: Optional[dict] = None
+    base: Optional[dict] = None
+    axes: Optional[dict] = None
+    overrides: Optional[dict] = None
     resources: Optional[dict] = None
+    torchrun: Optional[dict] = None
+    tokenizer: Optional[dict] = None
+    tokenize: Union[bool, dict, None] = None
+    eval: Union[bool, dict, None] = None
+    analyze: Union[bool, dict, None] = None
+
+    def check(self) -> None:
+        require(
+            self, "name", _NAME_RE.match(self.name) is not None, "letters, digits, '_', '.', '-' (it names a folder)"
+        )
+
+
+#: the top-level keys, in the order the module docstring lists them
+TOP_LEVEL = tuple(f for f in SweepFile.__dataclass_fields__)
 
 
 @dataclass
@@ -341,72 +404,6 @@ class Sweep:
         return SweepError(message, file=self.source, key=key, line=_line_of(self.lines, key))
 
 
-# Allowed top-level keys with their types (the sub-structures are checked by _build_section).
-_TOP_LEVEL = {
-    "name": str,
-    "kind": str,
-    "description": str,
-    "output_root": str,
-    "launcher": str,
-    "tracking": dict,
-    "base": dict,
-    "axes": dict,
-    "overrides": dict,
-    "resources": dict,
-    "torchrun": dict,
-    "tokenizer": dict,
-    "tokenize": (bool, dict),
-    "eval": (bool, dict),
-    "analyze": (bool, dict),
-}
-
-# Value constraints on resources: key -> (predicate, what is allowed)
-_RESOURCE_RULES = {
-    "nodes": (lambda v: v >= 1, "an integer >= 1"),
-    "gpus_per_node": (lambda v: v >= 0, "an integer >= 0 (0: CPU)"),
-    "cpus_per_task": (lambda v: v >= 1, "an integer >= 1"),
-    "mem_gb": (lambda v: v is None or v > 0, "a number > 0 or null"),
-    "time_min": (lambda v: v >= 1, "an integer >= 1 (minutes)"),
-    "signal_delay_s": (lambda v: v >= 0, "an integer >= 0 (seconds)"),
-}
-
-
-def _is_increasing(v: Any) -> bool:
-    return len(v) >= 1 and all(isinstance(p, int) and p >= 1 for p in v) and all(a < b for a, b in zip(v, v[1:]))
-
-
-# Value constraints on run configs (dotted keys of FitConfig / FitTokenizerConfig): key -> (predicate, allowed)
-_CONFIG_RULES: dict[str, tuple] = {
-    "model.depth": (lambda v: v >= 1, "an integer >= 1"),
-    "model.num_classes": (lambda v: v >= 1, "an integer >= 1"),
-    "model.mlp_ratio": (lambda v: v > 0, "a number > 0"),
-    "model.attn_impl": (lambda v: v in ("auto", "flex", "sdpa", "math"), "one of auto, flex, sdpa, math"),
-    "tokenizer.vocab_size": (lambda v: v >= 2, "an integer >= 2"),
-    "tokenizer.z_channels": (lambda v: v >= 1, "an integer >= 1"),
-    "tokenizer.ch": (lambda v: v >= 1, "an integer >= 1"),
-    "tokenizer.patch_nums": (_is_increasing, "a strictly increasing list of integers >= 1, e.g. [1, 2, 3, 4, 6, 8]"),
-    "tokenizer.ch_mult": (lambda v: len(v) >= 1 and all(m >= 1 for m in v), "a non-empty list of integers >= 1"),
-    "data.name": (lambda v: v in ("fashion_mnist", "folder", "tokens"), "one of fashion_mnist, folder, tokens"),
-    "data.batch_size": (lambda v: v >= 1, "an integer >= 1"),
-    "data.global_batch": (lambda v: v >= 1, "an integer >= 1"),
-    "data.resolution": (lambda v: v >= 8, "an integer >= 8 (pixels)"),
-    "data.num_workers": (lambda v: v >= 0, "an integer >= 0"),
-    "data.limit_train": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
-    "data.limit_val": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
-    "optim.base_lr": (lambda v: v > 0, "a number > 0"),
-    "lr": (lambda v: v > 0, "a number > 0"),
-    "optim.final_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "optim.weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "optim.final_weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "optim.grad_clip": (lambda v: v >= 0, "a number >= 0 (0 disables)"),
-    "trainer.accelerator": (lambda v: v in ("auto", "cpu", "gpu", "cuda", "mps", "tpu"), "auto, cpu, gpu, cuda, mps"),
-    "trainer.max_epochs": (lambda v: v >= 1, "an integer >= 1"),
-    "trainer.max_steps": (lambda v: v == -1 or v >= 1, "-1 (all epochs) or an integer >= 1"),
-    "trainer.accumulate_grad_batches": (lambda v: v >= 1, "an integer >= 1"),
-    "trainer.log_every_n_steps": (lambda v: v >= 1, "an integer >= 1"),
-}
-
-
 def _line_of(lines: dict, key: Optional[str]) -> Optional[int]:
     """Best line for a dotted key path: the deepest prefix found in the file."""
     if not key:
@@ -428,125 +425,22 @@ def _line_of(lines: dict, key: Optional[str]) -> Optional[int]:
     return None
 
 
-_TYPE_NAMES = {
-    str: "a string",
-    int: "an integer",
-    float: "a number",
-    bool: "true/false",
-    dict: "a mapping",
-    list: "a list",
-}
-
-
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, tuple):
-        return " or ".join(_type_name(t) for t in tp)
-    return _TYPE_NAMES.get(tp, getattr(tp, "__name__", str(tp)))
-
-
 def _describe(value: Any) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) < 60 else text[:57] + '...'}"
 
 
-def _check_plain(value: Any, tp: Any, key: str, err) -> Any:
-    """Check a value against a simple python type (or tuple of types); ints pass as floats; bools are not ints."""
-    types = tp if isinstance(tp, tuple) else (tp,)
-    for t in types:
-        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return value  # an int stays an int: Lightning reads limit_val_batches=8 and 8.0 differently
-        if t is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if t not in (int, float) and isinstance(value, t):
-            return value
-    raise err(f"must be {_type_name(tp)}, got {_describe(value)}", key)
-
-
-def _build_section(cls: type, data: Any, key: str, err, rules: Optional[dict] = None) -> Any:
-    """Build one of the small sweep dataclasses from a mapping, checking keys, types and value rules."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise err(f"must be a mapping, got {_describe(data)}", key)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in data.items():
-        sub = f"{key}.{name}"
-        if name not in fields:
-            raise err(f"unknown key '{name}'; allowed keys here: {', '.join(sorted(fields))}", sub)
-        kwargs[name] = _check_annotation(value, hints[name], sub, err)
-        if rules and name in rules:
-            ok, allowed = rules[name]
-            if not ok(kwargs[name]):
-                raise err(f"bad value {kwargs[name]!r}; allowed: {allowed}", sub)
-    return cls(**kwargs)
-
-
-def _check_annotation(value: Any, tp: Any, key: str, err) -> Any:
-    """Check ``value`` against a type annotation of a config or sweep dataclass field; returns it normalised."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin is Union:
-        if value is None:
-            if type(None) in args:
-                return None
-            raise err(f"must not be null; allowed: {' or '.join(_annotation_name(a) for a in args)}", key)
-        non_none = [a for a in args if a is not type(None)]
-        errors = []
-        for a in non_none:
-            try:
-                return _check_annotation(value, a, key, err)
-            except SweepError as e:
-                errors.append(e)
-        allowed = " or ".join(_annotation_name(a) for a in args)
-        raise err(f"must be {allowed}, got {_describe(value)}", key)
-    if origin in (tuple, list) or tp in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise err(f"must be {_annotation_name(tp)}, got {_describe(value)}", key)
-        if not args:
-            return list(value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return [_check_annotation(v, args[0], f"{key}.{i}", err) for i, v in enumerate(value)]
-        if origin is tuple:
-            if len(value) != len(args):
-                raise err(f"must be {_annotation_name(tp)} ({len(args)} items), got {len(value)} items", key)
-            return [_check_annotation(v, a, f"{key}.{i}", err) for i, (v, a) in enumerate(zip(value, args))]
-        return [_check_annotation(v, args[0], f"{key}.{i}", err) for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise err(f"must be a mapping, got {_describe(value)}", key)
-        return value
-    if tp in (int, float, str, bool):
-        value = _check_plain(value, tp, key, err)
-        if tp is float and not math.isfinite(value):
-            raise err(f"must be a finite number, got {value!r}", key)
-        return value
-    return value
-
-
-def _annotation_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is type(None):
-        return "null"
-    if origin is Union:
-        return " or ".join(_annotation_name(a) for a in args)
-    if origin in (tuple, list):
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_annotation_name(args[0]).removeprefix('a ').removeprefix('an ')}s"
-        if args:
-            return f"a list [{', '.join(_annotation_name(a) for a in args)}]"
-        return "a list"
-    if tp is Any:
-        return "any value"
-    return _type_name(tp)
+def section(cls: type, data: Any, where: str, err) -> Any:
+    """A sweep section (or a run config) through ``var_lab.config.from_dict``, its errors located at ``where``."""
+    try:
+        return from_dict(cls, {} if data is None else data)
+    except ConfigError as exc:
+        key = ".".join(part for part in (where, exc.key) if part)
+        raise err(exc.message, key or None) from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Config keys: flattening, nesting, checking against FitConfig / FitTokenizerConfig
+# Config keys: flattening, nesting, checking a layer of dotted overrides against FitConfig / FitTokenizerConfig
 
 
 def flatten(data: dict, prefix: str = "") -> dict:
@@ -554,7 +448,7 @@ def flatten(data: dict, prefix: str = "") -> dict:
     out: dict = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict) and value and dotted != "resources.sbatch":
             out.update(flatten(value, dotted))
         else:
             out[dotted] = value
@@ -573,81 +467,58 @@ def nest(flat: dict) -> dict:
     return out
 
 
-def config_field(cls: type, dotted: str) -> tuple[bool, Any, list[str], str]:
-    """Resolve a dotted key in a config dataclass.
+def config_layer(cls: type, data: Any, where: str, err, allow_resources: bool = False) -> dict:
+    """Check a (nested or dotted) mapping of overrides through the run config's path; returns it flat.
 
-    Returns:
-        (found, annotation, allowed keys at the level where resolution stopped, the prefix that resolved).
-    """
-    parts = dotted.split(".")
-    current = cls
-    done: list[str] = []
-    for i, part in enumerate(parts):
-        fields = {f.name: f for f in dataclasses.fields(current)}
-        if part not in fields:
-            return False, None, sorted(fields), ".".join(done)
-        hints = typing.get_type_hints(current, vars(config_module))
-        tp = hints[part]
-        done.append(part)
-        default = _field_default(fields[part])
-        if dataclasses.is_dataclass(default):
-            if i == len(parts) - 1:
-                return True, type(default), [], ".".join(done)
-            current = type(default)
-        elif i < len(parts) - 1:
-            return False, None, [], ".".join(done)
-        else:
-            return True, tp, [], ".".join(done)
-    return True, current, [], ".".join(done)
-
-
-def _field_default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
-
-
-def check_config_value(cls: type, dotted: str, value: Any, err, where: str) -> Any:
-    """Check one dotted config key and its value against the config class; returns the normalised value.
+    A layer is checked as the config it gives on top of the defaults, so each value meets the same key, type and value
+    checks as in ``--config`` or ``--a.b`` (``var_lab.config.from_dict``); the error is located at the layer's key.
+    Sweep-only keys: ``data.global_batch`` and (with ``allow_resources``) ``resources.*``.
 
     Args:
         cls: FitConfig or FitTokenizerConfig.
-        dotted: the key in the config (e.g. ``optim.base_lr``).
-        value: the value from the sweep file.
+        data: the mapping from the sweep file (or ``--set``).
+        where: its sweep-file path (``base``, ``overrides.depth.16``).
         err: error factory ``err(message, sweep_key)``.
-        where: the sweep-file path of this key, for messages (e.g. ``overrides.depth.16.optim.base_lr``).
+        allow_resources: accept ``resources.*`` keys (per-value overrides, ``--set``).
+
+    Raises:
+        SweepError: from ``err``.
     """
-    if dotted == GLOBAL_BATCH_KEY:
-        value = _check_plain(value, int, where, err)
-    else:
-        found, tp, allowed, resolved = config_field(cls, dotted)
-        if not found:
-            if allowed:
-                level = f"under '{resolved}'" if resolved else "at the top level"
-                extra = f", {GLOBAL_BATCH_KEY.split('.')[-1]}" if resolved == "data" else ""
-                bad = dotted[len(resolved) + 1 :].split(".")[0] if resolved else dotted.split(".")[0]
-                raise err(
-                    f"unknown config key '{bad}' {level} of {cls.__name__}; allowed: {', '.join(allowed)}{extra}",
-                    where,
-                )
-            raise err(f"'{resolved}' of {cls.__name__} has no sub-keys", where)
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise err(f"must be a mapping of {tp.__name__} keys, got {_describe(value)}", where)
-            return {k: check_config_value(cls, f"{dotted}.{k}", v, err, f"{where}.{k}") for k, v in value.items()}
-        value = _check_annotation(value, tp, where, err)
-    rule = _CONFIG_RULES.get(dotted)
-    if rule is not None and value is not None:
-        ok, allowed_text = rule
+    if not isinstance(data, dict):
+        raise err(f"must be a mapping of {cls.__name__} keys, got {_describe(data)}", where)
+    flat: dict = {}
+    origin: dict = {}
+    for key, value in flatten(data).items():
+        dotted = AXIS_ALIASES.get(key, key) if cls is FitConfig else key
+        origin[dotted] = f"{where}.{key}"
+        flat[dotted] = value
+    config: dict = {}
+    resources: dict = {}
+    for dotted, value in flat.items():
+        kwhere = origin[dotted]
+        if dotted.startswith("resources."):
+            if not allow_resources:
+                raise err("resources.* keys belong in 'resources' or in per-value overrides", kwhere)
+            resources[dotted.split(".", 1)[1]] = value
+        elif dotted in OWNED_KEYS:
+            raise err(f"set by the sweep; use {OWNED_KEYS[dotted]} instead", kwhere)
+        elif dotted == GLOBAL_BATCH_KEY:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            if not ok:
+                raise err(invalid_message(GLOBAL_BATCH_KEY, value, "it must be an integer >= 1"), kwhere)
+        else:
+            config[dotted] = value
+    if resources:
         try:
-            good = ok(value)
-        except TypeError:
-            good = False
-        if not good:
-            raise err(f"bad value {value!r}; allowed: {allowed_text}", where)
-    return value
+            check_keys(Resources, resources)  # the values are checked with the resources they change
+        except ConfigError as exc:
+            raise err(exc.message, f"{where}.resources.{exc.key}") from None
+    try:
+        from_dict(cls, nest(config))
+    except ConfigError as exc:
+        located = exc.key if exc.key in origin else next((k for k in origin if exc.key and k.startswith(exc.key)), None)
+        raise err(exc.message, origin.get(located, where)) from None
+    return flat
 
 
 def parse_axis_key(sweep: Sweep, key: Any, where: str) -> str:
@@ -739,48 +610,31 @@ def validate_sweep(data: Any, source: str, lines: Optional[dict] = None) -> Swee
         return SweepError(message, file=source, key=key, line=_line_of(lines, key))
 
     if not isinstance(data, dict):
-        raise err(f"a sweep file must be a mapping of keys ({', '.join(_TOP_LEVEL)}), got {_describe(data)}")
-    for key, value in data.items():
-        if key not in _TOP_LEVEL:
-            raise err(f"unknown key '{key}'; allowed top-level keys: {', '.join(_TOP_LEVEL)}", str(key))
-        if value is not None or key in ("tokenize", "eval", "analyze"):
-            _check_plain(value if value is not None else {}, _TOP_LEVEL[key], str(key), err)
+        raise err(f"a sweep file must be a mapping of keys ({', '.join(TOP_LEVEL)}), got {_describe(data)}")
+    for key in data:
+        if key not in TOP_LEVEL:
+            raise err(f"unknown key '{key}'; allowed top-level keys: {', '.join(TOP_LEVEL)}", str(key))
     if "name" not in data:
         raise err("missing required key 'name' (the sweep's name: letters, digits, _ . -)")
-    name = data["name"]
-    if not _NAME_RE.match(name):
-        raise err(f"bad value {name!r}; allowed: letters, digits, '_', '.', '-' (it names a folder)", "name")
-    kind = data.get("kind") or "var"
-    if kind not in KINDS:
-        raise err(f"bad value {kind!r}; allowed: {', '.join(KINDS)}", "kind")
-    launcher = data.get("launcher") or "local"
-    if launcher not in LAUNCHERS:
-        raise err(f"bad value {launcher!r}; allowed: {', '.join(LAUNCHERS)}", "launcher")
-
+    top = section(SweepFile, {k: v for k, v in data.items() if v is not None}, "", err)
     sweep = Sweep(
-        name=name,
-        kind=kind,
-        description=data.get("description") or "",
-        output_root=data.get("output_root") or "outputs/sweeps",
-        launcher=launcher,
+        name=top.name,
+        kind=top.kind,
+        description=top.description,
+        output_root=top.output_root,
+        launcher=top.launcher,
         source=source,
         lines=lines,
     )
-    sweep.tracking = _build_section(TrackingSpec, data.get("tracking"), "tracking", err)
-    sweep.resources = build_resources({}, data.get("resources"), "resources", err)
-    sweep.torchrun = _build_section(TorchrunSpec, data.get("torchrun"), "torchrun", err)
-    if sweep.torchrun.rdzv_endpoint is not None and not re.match(r"^[^:\s]+:\d+$", sweep.torchrun.rdzv_endpoint):
-        raise err(f"bad value {sweep.torchrun.rdzv_endpoint!r}; allowed: HOST:PORT", "torchrun.rdzv_endpoint")
+    sweep.tracking = section(TrackingSpec, top.tracking, "tracking", err)
+    sweep.resources = section(Resources, top.resources, "resources", err)
+    sweep.torchrun = section(TorchrunSpec, top.torchrun, "torchrun", err)
 
     cls = sweep.config_class
-    # base
-    base = data.get("base") or {}
-    sweep.base = _check_config_mapping(cls, base, "base", err)
+    sweep.base = config_layer(cls, top.base or {}, "base", err)
 
-    # axes
-    axes_raw = data.get("axes") or {}
     axes: dict = {}
-    for key, values in axes_raw.items():
+    for key, values in (top.axes or {}).items():
         where = f"axes.{key}"
         dotted = parse_axis_key(_ErrSweep(sweep, err), key, where)
         if dotted in axes:
@@ -789,17 +643,16 @@ def validate_sweep(data: Any, source: str, lines: Optional[dict] = None) -> Swee
             raise err(f"'{key}' cannot be an axis; the sweep sets it from {OWNED_KEYS.get(dotted, 'resources')}", where)
         if not isinstance(values, list) or not values:
             raise err(f"must be a non-empty list of values, got {_describe(values)}", where)
-        checked = [check_config_value(cls, dotted, v, err, f"{where}.{i}") for i, v in enumerate(values)]
-        labels = [format_value(v) for v in checked]
+        for i, value in enumerate(values):
+            config_layer(cls, {dotted: value}, where, _at(err, f"{where}.{i}"))
+        labels = [format_value(v) for v in values]
         if len(set(labels)) != len(labels):
             raise err(f"values repeat: {labels}", where)
-        axes[dotted] = checked
+        axes[dotted] = list(values)
     sweep.axes = axes
 
-    # overrides
-    overrides_raw = data.get("overrides") or {}
     overrides: dict = {}
-    for key, per_value in overrides_raw.items():
+    for key, per_value in (top.overrides or {}).items():
         where = f"overrides.{key}"
         dotted = parse_axis_key(_ErrSweep(sweep, err), key, where)
         if dotted not in axes:
@@ -811,56 +664,43 @@ def validate_sweep(data: Any, source: str, lines: Optional[dict] = None) -> Swee
         table: dict = {}
         for value, settings in per_value.items():
             vwhere = f"{where}.{value}"
-            label = format_value(check_config_value(cls, dotted, value, err, vwhere))
+            label = format_value(value)
             if label not in labels:
                 raise err(f"{value!r} is not a value of axis '{key}'; values: {', '.join(labels)}", vwhere)
             if not isinstance(settings, dict):
                 raise err(f"must be a mapping of config keys (or resources.*), got {_describe(settings)}", vwhere)
-            table[label] = _check_config_mapping(cls, settings, vwhere, err, allow_resources=True)
+            flat = config_layer(cls, settings, vwhere, err, allow_resources=True)
+            resources = {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("resources.")}
+            build_resources(vars(sweep.resources), resources, f"{vwhere}.resources", err)
+            table[label] = flat
         overrides[dotted] = table
     sweep.overrides = overrides
 
-    # stages
-    tok = data.get("tokenizer")
-    if tok is not None:
-        if kind != "var":
+    if top.tokenizer is not None:
+        if sweep.kind != "var":
             raise err("the tokenizer stage belongs to sweeps of kind var", "tokenizer")
-        stage = _build_section(TokenizerStage, tok, "tokenizer", err)
+        stage = section(TokenizerStage, top.tokenizer, "tokenizer", err)
         if (stage.checkpoint is None) == (stage.train is None):
             raise err("give exactly one of 'checkpoint' (a file) or 'train' (a FitTokenizerConfig)", "tokenizer")
         if stage.train is not None:
             # refuses the keys the sweep owns (OWNED_KEYS), as for base and overrides
-            stage.train = _check_config_mapping(FitTokenizerConfig, stage.train, "tokenizer.train", err)
+            stage.train = config_layer(FitTokenizerConfig, stage.train, "tokenizer.train", err)
         if stage.resources is not None:
-            build_resources(dataclasses.asdict(sweep.resources), stage.resources, "tokenizer.resources", err)
+            build_resources(vars(sweep.resources), stage.resources, "tokenizer.resources", err)
         sweep.tokenizer = stage
     for key, cls_stage in (("tokenize", TokenizeStage), ("eval", EvalStage), ("analyze", AnalyzeStage)):
-        value = data.get(key)
+        value = getattr(top, key)
         if value is None or value is False:
             continue
-        if kind != "var":
+        if sweep.kind != "var":
             raise err(f"the {key} stage belongs to sweeps of kind var", key)
-        stage = _build_section(cls_stage, {} if value is True else value, key, err, _STAGE_RULES.get(key))
-        if any(not isinstance(a, str) for a in stage.args):
-            raise err("must be a list of strings (command-line arguments)", f"{key}.args")
+        stage = section(cls_stage, {} if value is True else value, key, err)
         if stage.resources is not None:
-            build_resources(dataclasses.asdict(sweep.resources), stage.resources, f"{key}.resources", err)
+            build_resources(vars(sweep.resources), stage.resources, f"{key}.resources", err)
         setattr(sweep, key, stage)
     if sweep.tokenize is not None and sweep.tokenizer is None:
         raise err("tokenize needs a tokenizer stage (tokenizer.checkpoint or tokenizer.train)", "tokenize")
     return sweep
-
-
-_STAGE_RULES = {
-    "eval": {
-        "num_samples": (lambda v: v >= 1, "an integer >= 1"),
-        "per_class": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
-        "cfg": (lambda v: v >= 0, "a number >= 0"),
-        "top_k": (lambda v: v >= 0, "an integer >= 0 (0: off)"),
-        "top_p": (lambda v: 0 <= v <= 1, "a number in [0, 1] (0: off)"),
-        "batch_size": (lambda v: v is None or v >= 1, "an integer >= 1 or null"),
-    }
-}
 
 
 class _ErrSweep:
@@ -873,71 +713,18 @@ class _ErrSweep:
 
 def build_resources(current: dict, data: Any, key: str, err) -> Resources:
     """Resources from ``current`` (a dict of Resources fields) updated by the mapping ``data``, validated."""
-    merged = {**current, **(data or {})} if isinstance(data, dict) or data is None else data
-    res = _build_section(Resources, merged, key, err, _RESOURCE_RULES)
-    if any(not isinstance(line, str) for line in res.setup):
-        raise err("must be a list of shell lines (strings)", f"{key}.setup")
-    for opt, value in res.sbatch.items():
-        if not isinstance(opt, str) or not isinstance(value, (str, int, float, bool)):
-            raise err(f"sbatch options map an option name to a string, number or true; got {opt!r}: {value!r}", key)
-        if opt in ("signal", "nodes", "ntasks-per-node", "ntasks_per_node", "time", "output", "error"):
-            raise err(
-                f"'{opt}' is set by the launcher from resources; remove it from resources.sbatch", f"{key}.sbatch"
-            )
-    if res.signal_delay_s >= res.time_min * 60:
-        raise err(
-            f"signal_delay_s ({res.signal_delay_s}) must be shorter than the time limit ({res.time_min} min)",
-            f"{key}.signal_delay_s",
-        )
-    return res
+    if data is not None and not isinstance(data, dict):
+        raise err(f"must be a mapping, got {_describe(data)}", key)
+    return section(Resources, {**current, **(data or {})}, key, err)
 
 
-def _check_config_mapping(cls: type, data: Any, where: str, err, allow_resources: bool = False) -> dict:
-    """Validate a (nested or dotted) mapping of config keys; returns it flat {dotted: value}."""
-    if not isinstance(data, dict):
-        raise err(f"must be a mapping of {cls.__name__} keys, got {_describe(data)}", where)
-    flat: dict = {}
-    for key, value in data.items():
-        if not isinstance(key, str):
-            raise err(f"config keys must be strings, got {_describe(key)}", where)
-        dotted_key = AXIS_ALIASES.get(key, key) if cls is FitConfig else key
-        if isinstance(value, dict) and value and not _is_leaf_mapping(cls, dotted_key):
-            # nested section: recurse so that errors carry the full path
-            sub = _check_config_mapping(
-                cls, {f"{dotted_key}.{k}": v for k, v in value.items()}, where, err, allow_resources
-            )
-            flat.update(sub)
-            continue
-        kwhere = f"{where}.{key}"
-        if dotted_key.startswith("resources."):
-            if not allow_resources:
-                raise err("resources.* keys belong in 'resources' or in per-value overrides", kwhere)
-            res_key = dotted_key.split(".", 1)[1]
-            fields = {f.name for f in dataclasses.fields(Resources)}
-            if res_key not in fields:
-                raise err(f"unknown resources key '{res_key}'; allowed: {', '.join(sorted(fields))}", kwhere)
-            _build_section(
-                Resources, {res_key: value}, "resources", functools.partial(_at, err, kwhere), _RESOURCE_RULES
-            )
-            flat[dotted_key] = value
-            continue
-        if dotted_key in OWNED_KEYS:
-            raise err(f"set by the sweep; use {OWNED_KEYS[dotted_key]} instead", kwhere)
-        flat[dotted_key] = check_config_value(cls, dotted_key, value, err, kwhere)
-    return flat
+def _at(err, where: str):
+    """An error factory that reports at ``where`` whatever key the checker names."""
 
+    def located(message: str, key: Optional[str] = None) -> SweepError:
+        return err(message, where)
 
-def _at(err, where: str, message: str, key: Optional[str] = None) -> SweepError:
-    """An error reported at ``where`` whatever key the checker names."""
-    return err(message, where)
-
-
-def _is_leaf_mapping(cls: type, dotted: str) -> bool:
-    """Whether a dict value at ``dotted`` is a value itself (not a config section)."""
-    if dotted.startswith("resources."):
-        return dotted.split(".", 1)[1] == "sbatch"
-    found, tp, _, _ = config_field(cls, dotted)
-    return found and not dataclasses.is_dataclass(tp)
+    return located
 
 
 def format_value(value: Any) -> str:
