@@ -102,7 +102,7 @@ def test_self_fid_is_zero_and_numbers_equal_torch_fidelity(tmp_path, converted_w
 
     gen_dir = write_images(tmp_path / "gen", 20, 0, 200, seed=1)
     ref_dir = write_images(tmp_path / "ref", 20, 60, 256, seed=2)
-    options = MetricOptions(kid_subset_size=20, kid_subsets=50)
+    options = MetricOptions(kid_subset_size=10, kid_subsets=50)
     gen = extractor.extract(FolderImages(gen_dir).batches(extractor.batch_size), total=20)
     ref = reference_statistics(FolderImages(ref_dir), extractor, cache_dir=tmp_path / "cache")
     ours = compute_metrics(gen, ref, options=options)
@@ -114,7 +114,7 @@ def test_self_fid_is_zero_and_numbers_equal_torch_fidelity(tmp_path, converted_w
         prc=True,
         feature_extractor="inception-v3-compat",
         feature_extractor_weights_path=str(converted_weights),
-        kid_subset_size=20,
+        kid_subset_size=10,
         kid_subsets=50,
         batch_size=extractor.batch_size,
         cuda=False,
@@ -139,6 +139,23 @@ def test_self_fid_is_zero_and_numbers_equal_torch_fidelity(tmp_path, converted_w
         stats_gen["mu"].astype(np.float64), stats_gen["sigma"], ref.mu.astype(np.float64), ref.sigma
     )
     assert ours["fid"] == pytest.approx(independent, rel=1e-4)
+
+
+def test_kid_subsets_of_a_small_set_differ_so_kid_std_measures_the_spread():
+    """With the default subset size (1000) and sets of 40, subsets of 20 are drawn: kid_std > 0 and it shrinks
+    relative to KID as the sets grow apart (the demo compares sizes by KID +- kid_std)."""
+    from var_lab.metrics.fid import ReferenceStats
+
+    g = torch.Generator().manual_seed(0)
+    ref_feats = torch.randn(40, 16, generator=g, dtype=torch.float64).float()
+    ref = ReferenceStats(mu=ref_feats.double().mean(0).numpy(), sigma=np.cov(ref_feats.double().numpy().T),
+                         features=ref_feats, description="random", num_images=40)  # fmt: skip
+    near = {"2048": torch.randn(40, 16, generator=g) + 0.1}
+    far = {"2048": torch.randn(40, 16, generator=g) + 1.0}
+    m_near = compute_metrics(near, ref, fid=False, prc=False)
+    m_far = compute_metrics(far, ref, fid=False, prc=False)
+    assert m_near["kid_std"] > 0 and m_far["kid_std"] > 0
+    assert m_far["kid"] - m_far["kid_std"] > m_near["kid"] + m_near["kid_std"]
 
 
 class CountingExtractor:

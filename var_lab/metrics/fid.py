@@ -212,7 +212,8 @@ class MetricOptions:
     kid_subsets: int = 100
     """Number of random subsets KID averages over."""
     kid_subset_size: int = 1000
-    """Images per KID subset (capped at the smaller set size)."""
+    """Images per KID subset, capped at half the smaller set so that subsets differ and ``kid_std`` measures KID's
+    spread (a subset as large as the set is the same every time: std 0)."""
     prc_neighborhood: int = 3
     """k of the k-nearest-neighbour manifolds of precision/recall."""
     prc_batch_size: int = 10000
@@ -286,9 +287,10 @@ def compute_metrics(
             "statistics (an .npz with mu/sigma but no images?); pass kid=False, prc=False or a reference with images"
         )
     if kid:
-        subset = min(options.kid_subset_size, len(feats), len(ref.features))
+        smaller = min(len(feats), len(ref.features))
+        subset = min(options.kid_subset_size, smaller // 2)
         if subset < 2:
-            raise ValueError(f"KID needs at least 2 images on each side, got {len(feats)} and {len(ref.features)}")
+            raise ValueError(f"KID needs at least 4 images on each side, got {len(feats)} and {len(ref.features)}")
         result = kid_features_to_metric(
             feats,
             ref.features.float().cpu(),
