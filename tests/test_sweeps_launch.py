@@ -288,6 +288,59 @@ def test_an_interrupted_run_resumes_into_the_same_mlflow_run(tmp_path, fashion_m
 
 
 @pytest.mark.slow
+def test_a_trainer_outliving_its_killed_launcher_owns_its_folder(tmp_path, fashion_mnist_dir):
+    """kill -9 of the launcher's process group leaves its trainer running (its own session): status says running,
+    resume starts no second trainer, a second `var-lab fit` on the folder refuses naming the pid, and the one
+    MLflow run holds every step once."""
+    from mlflow.tracking import MlflowClient
+
+    from var_lab.run_lock import trainer_holding
+
+    path = tiny_sweep(tmp_path, depths=(1,), max_steps=40)
+    path.write_text(path.read_text().replace("limit_train: 64", "limit_train: 1024"))
+    run_dir = tmp_path / "out" / "tiny" / "depth=1"
+    launcher = subprocess.Popen(
+        [PY, "-m", "var_lab.cli", "sweep", "launch", str(path)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while not (run_dir / "mlflow_run_id").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    holder = trainer_holding(run_dir)
+    assert holder is not None and holder["pid"] == read_claim(run_dir)["child_pid"], holder
+    os.killpg(launcher.pid, signal.SIGKILL)  # the launcher's group only: the trainer has its own session
+    launcher.wait()
+    assert trainer_holding(run_dir) is not None, "the trainer died with its launcher"
+
+    status = var_lab("sweep", "status", str(path), "--no-mlflow")
+    (row,) = [line.split() for line in status.stdout.splitlines() if line.startswith("depth=1")]
+    assert row[1] == "running" and f"pid {holder['pid']}" in " ".join(row), status.stdout
+    assert task_state(expand(load_sweep(path)).runs[0]).state == "running"
+    resumed = var_lab("sweep", "resume", str(path))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"skip   depth=1: running (trainer pid {holder['pid']}" in resumed.stdout
+    second = var_lab("fit", "--config", str(run_dir / "config.yaml"))
+    assert second.returncode == 2
+    assert f"is in use by another trainer, pid {holder['pid']} on " in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+
+    deadline = time.time() + 600
+    while not (run_dir / "DONE").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    assert json.loads((run_dir / "DONE").read_text())["global_step"] == 40
+    assert len(starts(run_dir)) == 1  # exactly one trainer was ever started
+    client = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+    (run,) = mlflow_runs(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", "tiny")
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(40)), steps  # every step once
+    val_steps = [m.step for m in client.get_metric_history(run.info.run_id, "val/L_mean")]
+    assert len(val_steps) == len(set(val_steps))
+
+
+@pytest.mark.slow
 def test_two_concurrent_launches_start_each_run_once(tmp_path, fashion_mnist_dir):
     path = tiny_sweep(tmp_path, depths=(1, 2, 3))
     procs = [

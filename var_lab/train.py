@@ -7,6 +7,7 @@ at the end ``DONE`` (JSON with the final step and metrics) or ``FAILED`` (the er
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,6 +31,7 @@ from var_lab.inputs import (
     check_output_dir,
     checkpoint_load_errors,
 )
+from var_lab.run_lock import hold_run_folder
 
 # ---------------------------------------------------------------------------------------------------------------- CLI
 #: ``parse_config(cls, argv, prog, description)``: the run config from ``--config`` files and ``--a.b`` overrides
@@ -324,10 +326,19 @@ def _write_rank_hash(module, output_dir: Path, rank: int) -> None:
 
 
 def _run(cfg, output_dir: Path, kind: str, body) -> int:
-    """Run ``body`` with DONE / FAILED bookkeeping (rank 0 writes them)."""
+    """Run ``body`` with DONE / FAILED bookkeeping (rank 0 writes them, holding the folder's trainer lock).
+
+    Raises:
+        RunFolderBusyError: another live trainer holds ``output_dir``.
+    """
     rank = global_rank()
+    # Rank 0 owns the folder while it trains (var_lab.run_lock): a second trainer refuses before writing anything.
+    with hold_run_folder(output_dir, f"var-lab {kind}") if rank == 0 else contextlib.nullcontext():
+        return _run_owned(cfg, output_dir, kind, body, rank)
+
+
+def _run_owned(cfg, output_dir: Path, kind: str, body, rank: int) -> int:
     if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(output_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         (output_dir / "FAILED").unlink(missing_ok=True)
     from var_lab.resilience import PreemptedError

@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from var_lab.atomic import write_atomic
+from var_lab.run_lock import describe as describe_trainer
+from var_lab.run_lock import trainer_holding
 from var_lab.sweeps.expand import Plan, Task, config_yaml, non_default_items
 from var_lab.sweeps.schema import SweepError, flatten, is_placeholder
 
@@ -158,10 +160,13 @@ def read_claim(task_dir: Path) -> Optional[dict]:
 def claim_owner_alive(info: dict, path: Optional[Path] = None, slurm_states: Optional[dict] = None) -> bool:
     """Whether the owner of a claim still owns its task.
 
-    An unreadable claim younger than a minute is being written (alive). A SLURM claim is alive while ``squeue``
+    A claim whose task folder is held by a live trainer (``var_lab.run_lock``) is alive, whoever wrote it. An
+    unreadable claim younger than a minute is being written (alive). A SLURM claim is alive while ``squeue``
     lists its job in an active state (and when squeue cannot be asked at all); a process claim on this host while the
     process lives; a process claim from another host always (it cannot be checked from here).
     """
+    if path is not None and trainer_holding(path.parent) is not None:
+        return True  # the launcher may be gone, but the trainer it started still trains in the folder
     if not info:
         if path is not None:
             with contextlib.suppress(OSError):
@@ -961,6 +966,10 @@ class Launcher:
 
             if task_state(task).state == "finished":  # finished meanwhile, or nothing new for a stage to redo
                 return "finished"
+            trainer = trainer_holding(task.task_dir) if task.writes_done else None
+            if trainer is not None:  # a trainer started by a launcher that is gone still trains here
+                self.out(f"  skip   {task.name}: running (trainer {describe_trainer(trainer)})")
+                return None
             archive_outcome(task)
             outcome = self._execute(task, claim, gpus, reason)
         finally:
@@ -999,9 +1008,8 @@ class Launcher:
         started = time.time()
         stream = gpus is None  # one task at a time: show its output live
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
+            # The child writes its log itself (no pipe through this process): a trainer outlives a killed launcher.
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             with self._lock:
                 self._children[proc.pid] = proc
             if claim is not None:
@@ -1017,7 +1025,7 @@ class Launcher:
                 argv=cmd,
                 phase="start",
             )
-            _pump(proc, log, sys.stdout.buffer if stream else None)
+            _follow(proc, log_path, sys.stdout.buffer if stream else None)
             rc = proc.wait()
             with self._lock:
                 self._children.pop(proc.pid, None)
@@ -1242,21 +1250,20 @@ def visible_gpus() -> list[int]:
     return gpus
 
 
-def _pump(proc: subprocess.Popen, log, console) -> None:
-    """Copy a child's output to its log file (and the console) as it comes, progress bars included."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    while True:
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        log.write(chunk)
-        log.flush()
-        if console is not None:
-            with contextlib.suppress(OSError, ValueError):
-                console.write(chunk)
-                console.flush()
-    proc.stdout.close()
+def _follow(proc: subprocess.Popen, log_path: Path, console) -> None:
+    """Wait for a child, copying what it writes to its log file to the console as it comes (progress bars too)."""
+    with open(log_path, "rb") as log:
+        while True:
+            running = proc.poll() is None
+            chunk = log.read(65536)
+            if chunk and console is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    console.write(chunk)
+                    console.flush()
+            if not chunk:
+                if not running:
+                    break
+                time.sleep(0.2)
 
 
 # ------------------------------------------------------------------------------------------------------- cancel

@@ -5,8 +5,8 @@ States, in order of precedence:
 - ``finished``: ``DONE`` is there.
 - ``outdated``: a stage the launcher marks DONE (tokenize, eval, analyze) whose inputs finished again after it;
   ``launch`` runs it again.
-- ``running`` / ``queued``: a live owner holds the claim (a process on this host, or a SLURM job that ``squeue`` lists;
-  ``queued`` while SLURM has it pending).
+- ``running`` / ``queued``: the run's trainer holds its folder (``var_lab.run_lock``), or a live owner holds the claim
+  (a process on this host, or a SLURM job that ``squeue`` lists; ``queued`` while SLURM has it pending).
 - ``cancelled``: stopped by ``var-lab sweep cancel`` (or a signal to the launcher); ``launch`` resumes it.
 - ``failed``: ``FAILED`` holds the error; ``resume`` retries it.
 - ``interrupted``: started (checkpoints, an MLflow run or launch records) but neither running nor ended; ``launch``
@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from var_lab.run_lock import describe as describe_trainer
+from var_lab.run_lock import trainer_holding
 from var_lab.sweeps.expand import Plan, Task
 from var_lab.sweeps.launchers import (
     CANCELLED_NAME,
@@ -66,6 +68,9 @@ def task_state(task: Task, slurm_states: Optional[dict] = None) -> TaskState:
         if not task.writes_done and is_outdated(task):
             return TaskState("outdated")
         return TaskState("finished", done=done if isinstance(done, dict) else {})
+    trainer = trainer_holding(task_dir) if task.writes_done else None
+    if trainer is not None:  # its trainer is alive, whatever became of the launcher that started it
+        return TaskState("running", owner=f"trainer {describe_trainer(trainer)}")
     claim = read_claim(task_dir)
     if claim is not None and claim_owner_alive(claim, task_dir / CLAIM_NAME, slurm_states):
         job_id = claim.get("job_id")
