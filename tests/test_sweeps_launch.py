@@ -315,15 +315,21 @@ def test_a_trainer_outliving_its_killed_launcher_owns_its_folder(tmp_path, fashi
     launcher.wait()
     assert trainer_holding(run_dir) is not None, "the trainer died with its launcher"
 
-    status = var_lab("sweep", "status", str(path), "--no-mlflow")
-    (row,) = [line.split() for line in status.stdout.splitlines() if line.startswith("depth=1")]
-    assert row[1] == "running" and f"pid {holder['pid']}" in " ".join(row), status.stdout
-    assert task_state(expand(load_sweep(path)).runs[0]).state == "running"
-    resumed = var_lab("sweep", "resume", str(path))
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"skip   depth=1: running (trainer pid {holder['pid']}" in resumed.stdout
-    second = var_lab("fit", "--config", str(run_dir / "config.yaml"))
-    assert second.returncode == 2
+    # The trainer is paused (alive, holding its folder) while the checks run, so on a slow machine it cannot finish
+    # its 40 steps before the second `var-lab fit` tries the folder.
+    os.kill(holder["pid"], signal.SIGSTOP)
+    try:
+        status = var_lab("sweep", "status", str(path), "--no-mlflow")
+        (row,) = [line.split() for line in status.stdout.splitlines() if line.startswith("depth=1")]
+        assert row[1] == "running" and f"pid {holder['pid']}" in " ".join(row), status.stdout
+        assert task_state(expand(load_sweep(path)).runs[0]).state == "running"
+        resumed = var_lab("sweep", "resume", str(path))
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert f"skip   depth=1: running (trainer pid {holder['pid']}" in resumed.stdout
+        second = var_lab("fit", "--config", str(run_dir / "config.yaml"))
+    finally:
+        os.kill(holder["pid"], signal.SIGCONT)
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
     assert f"is in use by another trainer, pid {holder['pid']} on " in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1, second.stderr
 

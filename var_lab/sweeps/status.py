@@ -69,9 +69,12 @@ def task_state(task: Task, slurm_states: Optional[dict] = None) -> TaskState:
             return TaskState("outdated")
         return TaskState("finished", done=done if isinstance(done, dict) else {})
     trainer = trainer_holding(task_dir) if task.writes_done else None
-    if trainer is not None:  # its trainer is alive, whatever became of the launcher that started it
-        return TaskState("running", owner=f"trainer {describe_trainer(trainer)}")
     claim = read_claim(task_dir)
+    if trainer is not None:  # its trainer is alive, whatever became of the launcher that started it
+        job_id = claim.get("job_id") if claim else None  # a SLURM job keeps its id while its trainer runs
+        return TaskState(
+            "running", owner=f"trainer {describe_trainer(trainer)}", job_id=str(job_id) if job_id else None
+        )
     if claim is not None and claim_owner_alive(claim, task_dir / CLAIM_NAME, slurm_states):
         job_id = claim.get("job_id")
         state = "running"
