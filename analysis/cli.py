@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--holdout-largest",
+        action="store_true",
+        help="ladder check: refit without the largest size and predict its final loss and FID (holdout.csv, report)",
+    )
+    parser.add_argument(
         "--backend",
         default="auto",
         choices=["auto", "sqlite", "client"],
@@ -116,6 +121,7 @@ def analyze_main(argv: list[str]) -> int:
         chinchilla_points=args.chinchilla_points,
         seed=args.seed,
         paper_reference=args.paper_reference,
+        holdout_largest=args.holdout_largest,
     )
     if args.loss_metric:
         options.loss_metrics = tuple(args.loss_metric)

@@ -28,6 +28,7 @@ import math
 import traceback
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -80,6 +81,9 @@ class AnalysisOptions:
     paper_reference: bool = False
     """Add the paper's FIDs and laws as a reference column."""
     exclude_kinds: tuple[str, ...] = ("tokenizer", "analysis")
+    holdout_largest: bool = False
+    """Ladder-style check: refit every law in N (and the loss frontier in C) without the largest size and predict
+    that size's final loss and FID (``holdout.csv`` and a report section)."""
 
 
 @dataclass
@@ -346,6 +350,11 @@ def _analyze(study: Study, out_dir: Path, plots_dir: Path, options: AnalysisOpti
                 .mean()
             )
 
+    # ---- ladder prediction: the largest size held out
+    if options.holdout_largest:
+        with rec.guard("ladder prediction of the largest size", HINT_SIZES):
+            tables["holdout"] = _holdout(sizes, used, history, losses, pcol, options, rec)
+
     # ---- extrapolation
     with rec.guard("extrapolation table"):
         tables["extrapolation"] = _extrapolations(rec, sizes, used, pcol)
@@ -565,6 +574,74 @@ def _fid(runs, used, pcol, options: AnalysisOptions, rec: _Recorder, tables, plo
     return figures
 
 
+#: sizes a ladder prediction needs: the held-out largest one and at least three to fit
+HOLDOUT_MIN_SIZES = 4
+
+
+def _holdout(sizes, used, history, losses, pcol, options: AnalysisOptions, rec: _Recorder) -> pd.DataFrame:
+    """Fit on every size but the largest, predict the largest: one row per (target, against, form).
+
+    Loss against N (power law, and the saturating law when no irreducible loss is given) from the longest run of
+    each smaller size; loss against C from the compute-optimal frontier of the other runs' histories, evaluated at
+    the held-out run's final compute; FID against N (power law). ``error`` is predicted / measured - 1; the interval
+    is the bootstrap interval of the refitted law at the held-out size (the fit's uncertainty, not the held-out
+    run's own noise).
+    """
+    if len(sizes) < HOLDOUT_MIN_SIZES:
+        raise F.InsufficientDataError(f"it needs {HOLDOUT_MIN_SIZES} or more model sizes, have {len(sizes)}")
+    E = options.irreducible
+    boot, seed = options.bootstrap, options.seed
+    largest, rest = sizes.iloc[-1], sizes.iloc[:-1]
+    N_held = float(largest[pcol]) / N_UNIT
+    C_held = _float(largest.get("compute_pflops"))
+    rows = []
+
+    def attempt(what, make_fit, target, against, form, at, measured, offset=0.0, n_fit=len(rest)):
+        """Fit with ``make_fit()`` and add the prediction at ``at``; a fit that cannot be made is a note."""
+        with warnings.catch_warnings(), rec.guard(f"ladder prediction: {what}", HINT_SIZES):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            fit = make_fit()
+            pred = F.extrapolate(fit, [at])
+            y = float(pred["y"].iloc[0]) + offset
+            lo = float(pred["y_lo"].iloc[0]) + offset if "y_lo" in pred else math.nan
+            hi = float(pred["y_hi"].iloc[0]) + offset if "y_hi" in pred else math.nan
+            rows.append({"target": target, "against": against, "form": form, "held_out": largest.get("point"),
+                         "at": at, "n_fit": n_fit, "measured": measured, "predicted": y, "lo": lo, "hi": hi,
+                         "error": y / measured - 1.0, "inside": bool(lo <= measured <= hi) if np.isfinite(lo) else None,
+                         "law": fit.label(against, target)})  # fmt: skip
+
+    N_rest = rest[pcol].to_numpy(dtype=float) / N_UNIT
+    off = E or 0.0
+    for metric in losses:
+        measured = float(largest[f"final:{metric}"])
+        y = rest[f"final:{metric}"].to_numpy(dtype=float)
+        attempt(f"{metric} vs N (power_law)", partial(F.fit_power_law, N_rest, y - off, bootstrap=boot, seed=seed),
+                metric, "N", "power_law", N_held, measured, off)  # fmt: skip
+        if E is None:
+            attempt(f"{metric} vs N (saturating)", partial(F.fit_saturating, N_rest, y, bootstrap=boot, seed=seed),
+                    metric, "N", "saturating", N_held, measured)  # fmt: skip
+        if len(history) and (history["metric"] == metric).any() and np.isfinite(C_held):
+            others = used[used[pcol].astype(float) < float(largest[pcol])]["run_id"]
+            frontier = F.compute_frontier(history, metric, run_ids=others)
+            fit_c = partial(F.fit_power_law, frontier["compute"], frontier["value"].to_numpy(dtype=float) - off,
+                            bootstrap=boot, seed=seed)  # fmt: skip
+            attempt(f"{metric} vs C (frontier, power_law)", fit_c, metric, "C", "power_law", C_held, measured, off,
+                    len(frontier))  # fmt: skip
+    column = f"final:{options.fid_metric}"
+    if column in used.columns:
+        with_fid = used[np.isfinite(used[column].astype(float))]
+        fid_sizes = _longest_per_size(with_fid, pcol) if len(with_fid) else with_fid
+        if len(fid_sizes) >= HOLDOUT_MIN_SIZES and float(fid_sizes[pcol].max()) == float(largest[pcol]):
+            fid_rest = fid_sizes.iloc[:-1]
+            fit_fid = partial(F.fit_power_law, fid_rest[pcol].to_numpy(dtype=float) / N_UNIT, fid_rest[column],
+                              bootstrap=boot, seed=seed)  # fmt: skip
+            attempt("FID vs N (power_law)", fit_fid, "FID", "N", "power_law", N_held,
+                    float(fid_sizes[column].iloc[-1]), n_fit=len(fid_rest))  # fmt: skip
+        else:
+            rec.note("ladder prediction of FID: skipped, it needs a FID for the largest size and for 3 or more others")
+    return pd.DataFrame(rows)
+
+
 def _extrapolations(rec: _Recorder, sizes, used, pcol) -> pd.DataFrame:
     rows = []
     largest = float(sizes[pcol].max()) / N_UNIT if len(sizes) else np.nan
@@ -656,7 +733,8 @@ def write_report(study: Study, result: AnalysisResult, options: AnalysisOptions,
     out: list[str | None] = []
     sections = [("header", _report_header), ("runs table", _report_runs), ("fitted laws", _report_fits),
                 ("frontier section", _report_frontier), ("IsoFLOP section", _report_isoflop),
-                ("L(N, D) section", _report_chinchilla), ("extrapolation section", _report_extrapolation),
+                ("L(N, D) section", _report_chinchilla), ("ladder prediction section", _report_holdout),
+                ("extrapolation section", _report_extrapolation),
                 ("token error section", _report_error), ("FID section", _report_fid),
                 ("loss-per-scale section", _report_scales)]  # fmt: skip
     for name, section in sections:
@@ -796,6 +874,29 @@ def _report_chinchilla(study: Study, result: AnalysisResult, options: AnalysisOp
                           ["C_pflops", "N_b", "N_lo", "N_hi", "D_opt", "loss_opt"],
                           ["C (PFLOPs)", "N_opt (billions)", "lo", "hi", "D_opt (tokens)", "loss"]))  # fmt: skip
         out.append("")
+    return out
+
+
+def _report_holdout(study: Study, result: AnalysisResult, options: AnalysisOptions) -> list[str | None]:
+    table = result.tables.get("holdout")
+    if not options.holdout_largest:
+        return []
+    out = ["## Ladder prediction (largest size held out)", ""]
+    if table is None or not len(table):
+        return out + ["Not made (see notes).", ""]
+    out.append(
+        f"Every law refitted without the largest size (`{table['held_out'].iloc[0]}`), then evaluated there and "
+        "compared with what that size measured; error = predicted / measured - 1. Against C the law is the "
+        "compute-optimal frontier of the other runs, evaluated at the held-out run's final compute. The interval is "
+        "the refitted law's bootstrap interval (its parameters' uncertainty, not the held-out run's own noise)."
+    )
+    out.append("")
+    shown = table.assign(error_pct=100.0 * table["error"],
+                         inside=table["inside"].map({True: "yes", False: "no"}).fillna("-"))  # fmt: skip
+    out += [_table(shown, ["target", "against", "form", "n_fit", "at", "measured", "predicted", "lo", "hi",
+                           "error_pct", "inside"],
+                   ["target", "against", "form", "points fitted", "at", "measured", "predicted", "lo", "hi",
+                    "error (%)", "measured inside"]), ""]  # fmt: skip
     return out
 
 
