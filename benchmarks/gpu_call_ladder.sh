@@ -3,8 +3,9 @@
 # sweep for at most BUDGET_S seconds, FID noise (two more eval seeds of depth 10) once depth 10 is evaluated, then
 # everything a later call or this machine's owner needs goes under $OUT, and a short table is printed last.
 #
-#   carry: [".whl", ".gpu/fid/MANIFEST", ".gpu/fid/part.0N"]     calls 1 and 2 (the FID weights arrive in parts)
-#          [".whl", ".gpu/carry"]                                 a call on a cold machine (the state of the last one)
+#   carry: [".whl", ".gpu/data", ".gpu/fid/MANIFEST"]             call 1 (wheels, Fashion-MNIST: 50 MiB)
+#          [".gpu/fid/MANIFEST", ".gpu/fid/part.0N"]               calls 2 and 3 (the FID weights arrive in parts)
+#          [".whl", ".gpu/data", ".gpu/carry"]                      a call on a cold machine (the state of the last one)
 #
 # The sweep runs in /tmp/gpu_out (it survives between calls while the machine stays warm; a fixed absolute path, since
 # the run configs and the MLflow store hold absolute paths, so a carried state is valid on any machine). When the
@@ -30,6 +31,14 @@ echo "FID weights installed: $fid (without them each eval fails at once and runs
 root=${VL_LADDER_ROOT:-/tmp/gpu_out}   # VL_LADDER_ROOT, PYTHON: for a dry run of this script on a CPU machine
 # shellcheck disable=SC2206  # VL_LADDER_ARGS: extra sweep options, word-split on purpose (the CPU dry run)
 sweep=(sweeps/gpu_ladder.yaml --output-root "$root" ${VL_LADDER_ARGS:-})
+# The GPU image has no Fashion-MNIST: its 4 IDX files (30 MiB) travel in .gpu/data on the first call and are kept
+# in /tmp/gpu_data (a fixed path, as the run configs and the token manifest record it) while the machine is warm.
+if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${VL_LADDER_ROOT:-}" ]; then
+    if [ -d .gpu/data ]; then mkdir -p /tmp/gpu_data && cp -u .gpu/data/*.gz /tmp/gpu_data/; fi
+    ls /tmp/gpu_data/train-images-idx3-ubyte.gz >/dev/null 2>&1 \
+        || echo "NO FASHION-MNIST: carry .gpu/data (mkdir -p .gpu/data && cp /usr/share/datasets/fashion-mnist/* .gpu/data/)"
+    sweep+=(--set data.root=/tmp/gpu_data)
+fi
 if [ ! -f "$root/mlflow.db" ] && ls .gpu/carry/state.tgz.* >/dev/null 2>&1; then
     mkdir -p "$root" && cat .gpu/carry/state.tgz.* | tar -xzf - -C "$root" && echo "unpacked the carried state"
 fi

@@ -228,6 +228,18 @@ def test_set_and_patch_options(tmp_path):
         expand(sweep, only=["depth=9"])
 
 
+def test_set_data_root_reaches_the_stages_that_read_images(tmp_path):
+    # on a machine where the images live elsewhere, one --set moves the tokenizer, tokenize and every point
+    sweep = load_sweep(REPO_ROOT / "sweeps" / "gpu_ladder.yaml")
+    plan = expand(sweep, output_root=str(tmp_path), sets=["data.root=/elsewhere/fm", "data.batch_size=16"])
+    tokenizer, tokenize = plan.task("tokenizer"), plan.task("tokenize")
+    assert tokenizer.config["data"]["root"] == "/elsewhere/fm"
+    assert tokenizer.config["data"]["batch_size"] == 256  # a batch set for the points stays theirs
+    assert tokenize.argv[tokenize.argv.index("--data.root") + 1] == "/elsewhere/fm"
+    assert "--data.batch_size" not in tokenize.argv
+    assert all(run.config["data"]["root"] == "/elsewhere/fm" for run in plan.runs)
+
+
 def test_patch_replaces_a_whole_section(tmp_path):
     text = MINIMAL + "overrides:\n  depth:\n    2: {trainer.max_steps: 9}\n"
     path = write(tmp_path, text)

@@ -32,7 +32,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="set a config key of every point, after the sweep's overrides (e.g. trainer.max_steps=10, "
-        "resources.gpus_per_node=0); VALUE is YAML; repeatable",
+        "resources.gpus_per_node=0); data.* keys other than the batch (e.g. data.root) also reach the tokenizer "
+        "and tokenize stages; VALUE is YAML; repeatable",
     )
     parser.add_argument(
         "--patch",

@@ -122,6 +122,12 @@ def parse_sets(sweep: Sweep, sets: Optional[list[str]]) -> dict:
     return flat
 
 
+def _shared_data_keys(layer: dict) -> dict:
+    """The ``data.*`` keys of a flat layer that describe the images (name, root, resolution, limits), not a batch."""
+    skip = ("data.batch_size", GLOBAL_BATCH_KEY, "data.token_dir")
+    return {k: v for k, v in layer.items() if k.startswith("data.") and k not in skip}
+
+
 def _merge(acc: dict, layer: dict) -> None:
     """Apply a flat layer; data.global_batch and data.batch_size replace each other (the later layer wins)."""
     if GLOBAL_BATCH_KEY in layer:
@@ -235,7 +241,8 @@ def expand(
         config = finalize_config(
             sweep,
             FitTokenizerConfig,
-            sweep.tokenizer.train,
+            # --set data.* (e.g. data.root: where the images are) reaches the stages that read images too
+            {**sweep.tokenizer.train, **_shared_data_keys(set_config)},
             resources,
             task_dir,
             "tokenizer",
@@ -278,13 +285,9 @@ def expand(
         task_dir = sweep_dir / "tokenize"
         token_dir = sweep_dir / "tokens"
         resources = _stage_resources(sweep, sweep.tokenize.resources, "tokenize.resources")
-        data = {**{k: v for k, v in base_config.items() if k.startswith("data.")}}
-        data.update({k: v for k, v in set_config.items() if k.startswith("data.")})
+        data = {**_shared_data_keys(base_config), **_shared_data_keys(set_config)}
         argv = ["tokenize", "--tokenizer-ckpt", stage_layer["tokenizer_ckpt"], "--out", str(token_dir)]
-        skip = ("data.batch_size", GLOBAL_BATCH_KEY, "data.token_dir")
         for dotted, value in data.items():
-            if dotted in skip:
-                continue
             argv += [f"--{dotted}", _cli_value(value)]
         if sweep.tokenizer.checkpoint is not None:
             # a plain state dict (the released .pth) carries no architecture: say it
