@@ -42,6 +42,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from var_lab.contract import TAG_KIND, TAG_POINT, TAG_SWEEP
+
 #: MLflow param -> (runs column, numeric)
 CONTRACT_PARAMS: dict[str, tuple[str, bool]] = {
     "model.depth": ("depth", True),
@@ -62,7 +64,7 @@ CONTRACT_PARAMS: dict[str, tuple[str, bool]] = {
     "git.commit": ("git_commit", False),
 }
 #: MLflow tag -> runs column
-CONTRACT_TAGS: dict[str, str] = {"var_lab.sweep": "sweep", "var_lab.point": "point", "var_lab.kind": "kind"}
+CONTRACT_TAGS: dict[str, str] = {TAG_SWEEP: "sweep", TAG_POINT: "point", TAG_KIND: "kind"}
 #: columns stored as nullable integers
 INTEGER_COLUMNS = ("depth", "width", "heads", "global_batch", "resolution", "tokens_per_image", "final_step")
 

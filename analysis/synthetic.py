@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 
+from var_lab.contract import TAG_KIND, TAG_POINT, TAG_SWEEP
+
 DEFAULT_PATCH_NUMS = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 
@@ -259,7 +261,7 @@ def write_synthetic_study(
     base_ms = int(time.time() * 1000)
     for i, run in enumerate(iterator):
         point = f"depth={run.depth},steps={run.steps}"
-        tags = {"var_lab.sweep": experiment, "var_lab.point": point, "var_lab.kind": "var"}
+        tags = {TAG_SWEEP: experiment, TAG_POINT: point, TAG_KIND: "var"}
         mlflow_run = client.create_run(experiment_id, start_time=base_ms + i, tags=tags, run_name=f"d{run.depth}-{i}")
         run_id = mlflow_run.info.run_id
         params = _run_params(study, run)

@@ -41,6 +41,8 @@ import shutil
 import signal
 import sys
 import threading
+import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -50,6 +52,10 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from var_lab.config import to_dict
+from var_lab.inputs import BadInputError, check_checkpoint_file
+from var_lab.ranks import env_rank
 
 #: errno values that mean "no room to write": disk full, quota exceeded, file size limit (RLIMIT_FSIZE)
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -432,3 +438,95 @@ class PreemptionCallback(Callback):
         else:
             what = f"stopped by {name} before the first checkpoint; nothing to resume from yet."
         return PreemptedError(f"{what} Re-run the same command (resume=auto) to continue.", self.signum)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Which checkpoint a run resumes from
+
+
+def checkpoint_is_readable(path: Path) -> bool:
+    """A cheap integrity check (zip CRCs of torch.save's format) that catches truncated or corrupt files."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return zf.testzip() is None
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return False
+
+
+def find_resume_checkpoint(ckpt_dir: Path) -> Optional[Path]:
+    """The newest readable checkpoint in ``ckpt_dir`` (``last.ckpt`` first); corrupt ones are skipped with a warning."""
+    if not ckpt_dir.is_dir():
+        return None
+    candidates = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
+    for path in candidates:
+        if checkpoint_is_readable(path):
+            return path
+        warnings.warn(f"checkpoint {path} is truncated or corrupt; falling back to an older one", stacklevel=2)
+    return None
+
+
+RESUME_FIX = "pass --resume auto (the newest checkpoint in output_dir), never (start afresh) or a .ckpt of var-lab"
+
+
+def resolve_resume(resume: str, output_dir: Path) -> Optional[str]:
+    """The checkpoint to resume from (``resume``: auto, never or a path), or None to start from scratch.
+
+    Raises:
+        BadInputError: an explicit path that is missing, not a checkpoint, truncated or corrupt.
+        ValueError: with ``auto``, every checkpoint of the run is truncated or corrupt.
+    """
+    ckpt_dir = output_dir / "checkpoints"
+    if env_rank() == 0:
+        remove_stale_temporaries(ckpt_dir)  # half-written files of a killed save
+    if resume == "never":
+        if env_rank() == 0:
+            (output_dir / "mlflow_run_id").unlink(missing_ok=True)  # a fresh run opens a fresh MLflow run
+        return None
+    if resume == "auto":
+        found = find_resume_checkpoint(ckpt_dir)
+        # Lightning's SLURM requeue writes hpc_ckpt_N.ckpt into the run folder: prefer it when it is newer.
+        hpc = [p for p in output_dir.glob("hpc_ckpt_*.ckpt") if checkpoint_is_readable(p)]
+        newest_hpc = max(hpc, key=lambda p: p.stat().st_mtime, default=None)
+        if newest_hpc is not None and (found is None or newest_hpc.stat().st_mtime > found.stat().st_mtime):
+            found = newest_hpc
+        if found is None and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
+            raise ValueError(
+                f"every checkpoint in {ckpt_dir} is truncated or corrupt, so this run cannot resume; pass "
+                "--resume never to start it again from scratch (a new MLflow run), or --resume PATH"
+            )
+        return str(found) if found else None
+    path = check_checkpoint_file(resume, "resume checkpoint", RESUME_FIX)
+    if not checkpoint_is_readable(path):
+        raise BadInputError(f"resume checkpoint {path} is truncated or corrupt; {RESUME_FIX}")
+    return str(path)
+
+
+def check_resume_compatible(ckpt_path: str, cfg: Any, keys: dict[str, tuple[str, ...]]) -> None:
+    """Refuse to resume from a checkpoint of another architecture (e.g. another depth) with a message naming both.
+
+    Args:
+        ckpt_path: the checkpoint about to be resumed.
+        cfg: this run's config (``model.num_classes`` resolved).
+        keys: section -> keys the weights depend on (``FIT_ARCHITECTURE_KEYS``).
+
+    Raises:
+        ValueError: naming each differing key with the checkpoint's and this run's value.
+    """
+    import torch
+
+    try:  # memory-mapped: only the small pickled part is read, not the weights
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]["config"]
+    except Exception:  # noqa: BLE001 - not ours or unreadable: Lightning's own load reports it
+        return
+    current = to_dict(cfg)
+    differences = []
+    for section, names in keys.items():
+        for name in names:
+            old, new = (saved.get(section) or {}).get(name), current[section][name]
+            if old is not None and old != new:
+                differences.append(f"{section}.{name}={old!r} in the checkpoint but {new!r} in this run")
+    if differences:
+        raise ValueError(
+            f"cannot resume from {ckpt_path}: it holds another architecture ({'; '.join(differences)}). Resume with "
+            f"the checkpoint's settings, or train this one into another output_dir (or pass --resume never)."
+        )

@@ -6,54 +6,8 @@ from pathlib import Path
 
 import torch
 
-from var_lab.inputs import (
-    RELEASE_FIX,
-    VAR_CKPT_FIX,
-    ArgumentParser,
-    BadInputError,
-    check_checkpoint_file,
-    check_output_dir,
-    checkpoint_load_errors,
-    positive_int,
-)
-
-
-def check_model_args(args) -> None:
-    """Refuse missing, unreadable or non-checkpoint model files before anything is loaded (cheap: no torch.load).
-
-    Raises:
-        BadInputError: naming the option, the file and what to pass instead.
-    """
-    if args.checkpoint:
-        check_checkpoint_file(args.checkpoint, "--checkpoint", VAR_CKPT_FIX)
-        return
-    if not (args.release_var and args.release_tokenizer):
-        raise BadInputError("give --checkpoint CKPT, or both --release-var PATH and --release-tokenizer PATH")
-    for flag, path in (("--release-var", args.release_var), ("--release-tokenizer", args.release_tokenizer)):
-        check_checkpoint_file(path, flag, RELEASE_FIX)
-
-
-def load_any_var(args) -> tuple:
-    """(vqvae, var, info) on the CPU from ``--checkpoint`` (ours) or ``--release-var`` + ``--release-tokenizer``.
-
-    ``info`` holds the checkpoint's ``fit_config``, ``global_step``, ``mlflow_run_id`` and ``tracking_uri`` (None and
-    0 for a released checkpoint).
-
-    Raises:
-        BadInputError: neither a checkpoint nor both released files were given, or a given file is missing, not a
-            checkpoint, or truncated.
-    """
-    check_model_args(args)  # before the heavy imports
-    if args.checkpoint:
-        from var_lab.modules.var import load_var_checkpoint
-
-        with checkpoint_load_errors(args.checkpoint, "--checkpoint", VAR_CKPT_FIX):
-            return load_var_checkpoint(args.checkpoint, map_location="cpu")
-    from var_lab.models import load_release_tokenizer, load_release_var
-
-    vqvae = load_release_tokenizer(args.release_tokenizer)
-    var = load_release_var(args.release_var, vqvae=vqvae, depth=args.depth)
-    return vqvae, var, {"fit_config": None, "global_step": 0, "mlflow_run_id": None, "tracking_uri": None}
+from var_lab.inputs import ArgumentParser, check_output_dir, positive_int
+from var_lab.models.checkpoints import load_var_model
 
 
 def sample_main(argv: list[str]) -> int:
@@ -77,7 +31,8 @@ def sample_main(argv: list[str]) -> int:
     from tqdm import tqdm
 
     check_output_dir(args.out, "--out")  # before minutes of sampling
-    vqvae, var, _ = load_any_var(args)  # a BadInputError is reported by var_lab.cli
+    # a BadInputError is reported by var_lab.cli
+    vqvae, var, _ = load_var_model(args.checkpoint, args.release_var, args.release_tokenizer, args.depth)
     device = torch.device(args.device)
     vqvae.to(device)
     var.to(device)

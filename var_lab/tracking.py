@@ -49,6 +49,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
 from var_lab.atomic import write_atomic
+from var_lab.contract import KINDS, TAG_KIND, TAG_POINT, TAG_SWEEP  # noqa: F401 - TAG_* re-exported
 from var_lab.provenance import git_commit  # noqa: F401 - re-exported for callers of var_lab.tracking
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,6 @@ SPOOL_FILENAME = "mlflow_spool.jsonl"
 REJECTED_FILENAME = "mlflow_spool.rejected.jsonl"
 SPOOL_ARTIFACTS_DIRNAME = "mlflow_spool_artifacts"
 
-TAG_SWEEP = "var_lab.sweep"
-TAG_POINT = "var_lab.point"
-TAG_KIND = "var_lab.kind"
-KINDS = ("tokenizer", "var", "eval")
 
 _DATABASE_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql", "mssql")
 _ALLOWED_SCHEMES = "sqlite:///<path>, http(s)://<host>:<port>, postgresql://, mysql://, mssql://, databricks"
@@ -1140,7 +1137,7 @@ def make_mlflow_logger(
     Args:
         tracking_cfg: ``var_lab.config.TrackingConfig`` (tracking_uri, experiment, run_name, sweep, point).
         output_dir: the run's folder (checkpoints, run id file, spool).
-        tags: extra run tags, e.g. ``{"var_lab.kind": "var"}`` (kind must be tokenizer, var or eval).
+        tags: extra run tags, e.g. ``{TAG_KIND: "var"}`` (kind: one of ``var_lab.contract.KINDS``).
         run_id_file: file holding the MLflow run id (default ``<output_dir>/mlflow_run_id``).
         output_root: folder of the default sqlite store (default: the parent of output_dir).
         run_name: run name when the config has none.

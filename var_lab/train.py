@@ -15,14 +15,14 @@ import os
 import sys
 import traceback
 import warnings
-import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
 from var_lab.atomic import write_atomic
 from var_lab.config import FitConfig, FitTokenizerConfig, TrainerConfig, parse_argv, to_dict
+from var_lab.contract import TAG_DEPTH, TAG_KIND
 from var_lab.gpu import out_of_memory_message, require_cuda
 from var_lab.inputs import (
     TOKENIZER_CKPT_FIX,
@@ -30,6 +30,13 @@ from var_lab.inputs import (
     check_checkpoint_file,
     check_output_dir,
     checkpoint_load_errors,
+)
+from var_lab.ranks import env_rank
+from var_lab.resilience import (
+    RESUME_FIX,
+    check_resume_compatible,
+    find_resume_checkpoint,
+    resolve_resume,
 )
 from var_lab.run_lock import hold_run_folder
 
@@ -39,70 +46,7 @@ parse_config = parse_argv
 
 
 # -------------------------------------------------------------------------------------------------------- utilities
-def global_rank() -> int:
-    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if key in os.environ:
-            return int(os.environ[key])
-    return 0
-
-
-def checkpoint_is_readable(path: Path) -> bool:
-    """A cheap integrity check (zip CRCs of torch.save's format) that catches truncated or corrupt files."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return zf.testzip() is None
-    except (zipfile.BadZipFile, OSError, EOFError):
-        return False
-
-
-def find_resume_checkpoint(ckpt_dir: Path) -> Optional[Path]:
-    """The newest readable checkpoint in ``ckpt_dir`` (``last.ckpt`` first); corrupt ones are skipped with a warning."""
-    if not ckpt_dir.is_dir():
-        return None
-    candidates = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
-    for path in candidates:
-        if checkpoint_is_readable(path):
-            return path
-        warnings.warn(f"checkpoint {path} is truncated or corrupt; falling back to an older one", stacklevel=2)
-    return None
-
-
-RESUME_FIX = "pass --resume auto (the newest checkpoint in output_dir), never (start afresh) or a .ckpt of var-lab"
-
-
-def resolve_resume(resume: str, output_dir: Path) -> Optional[str]:
-    """The checkpoint to resume from (``resume``: auto, never or a path), or None to start from scratch.
-
-    Raises:
-        BadInputError: an explicit path that is missing, not a checkpoint, truncated or corrupt.
-        ValueError: with ``auto``, every checkpoint of the run is truncated or corrupt.
-    """
-    ckpt_dir = output_dir / "checkpoints"
-    if global_rank() == 0:
-        from var_lab.resilience import remove_stale_temporaries
-
-        remove_stale_temporaries(ckpt_dir)  # half-written files of a killed save
-    if resume == "never":
-        if global_rank() == 0:
-            (output_dir / "mlflow_run_id").unlink(missing_ok=True)  # a fresh run opens a fresh MLflow run
-        return None
-    if resume == "auto":
-        found = find_resume_checkpoint(ckpt_dir)
-        # Lightning's SLURM requeue writes hpc_ckpt_N.ckpt into the run folder: prefer it when it is newer.
-        hpc = [p for p in output_dir.glob("hpc_ckpt_*.ckpt") if checkpoint_is_readable(p)]
-        newest_hpc = max(hpc, key=lambda p: p.stat().st_mtime, default=None)
-        if newest_hpc is not None and (found is None or newest_hpc.stat().st_mtime > found.stat().st_mtime):
-            found = newest_hpc
-        if found is None and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.ckpt")):
-            raise ValueError(
-                f"every checkpoint in {ckpt_dir} is truncated or corrupt, so this run cannot resume; pass "
-                "--resume never to start it again from scratch (a new MLflow run), or --resume PATH"
-            )
-        return str(found) if found else None
-    path = check_checkpoint_file(resume, "resume checkpoint", RESUME_FIX)
-    if not checkpoint_is_readable(path):
-        raise BadInputError(f"resume checkpoint {path} is truncated or corrupt; {RESUME_FIX}")
-    return str(path)
+global_rank = env_rank  # kept under its old name
 
 
 def resolve_precision(trainer_cfg: TrainerConfig) -> str:
@@ -260,37 +204,6 @@ def check_fit_tokenizer_inputs(cfg: FitTokenizerConfig) -> None:
     check_run_paths(cfg)
 
 
-def check_resume_compatible(ckpt_path: str, cfg: Any, keys: dict[str, tuple[str, ...]]) -> None:
-    """Refuse to resume from a checkpoint of another architecture (e.g. another depth) with a message naming both.
-
-    Args:
-        ckpt_path: the checkpoint about to be resumed.
-        cfg: this run's config (``model.num_classes`` resolved).
-        keys: section -> keys the weights depend on (``FIT_ARCHITECTURE_KEYS``).
-
-    Raises:
-        ValueError: naming each differing key with the checkpoint's and this run's value.
-    """
-    import torch
-
-    try:  # memory-mapped: only the small pickled part is read, not the weights
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["hyper_parameters"]["config"]
-    except Exception:  # noqa: BLE001 - not ours or unreadable: Lightning's own load reports it
-        return
-    current = to_dict(cfg)
-    differences = []
-    for section, names in keys.items():
-        for name in names:
-            old, new = (saved.get(section) or {}).get(name), current[section][name]
-            if old is not None and old != new:
-                differences.append(f"{section}.{name}={old!r} in the checkpoint but {new!r} in this run")
-    if differences:
-        raise ValueError(
-            f"cannot resume from {ckpt_path}: it holds another architecture ({'; '.join(differences)}). Resume with "
-            f"the checkpoint's settings, or train this one into another output_dir (or pass --resume never)."
-        )
-
-
 def _fit_until_done_or_preempted(trainer, module, datamodule, ckpt_path, preemption, logger, ckpt_dir: Path) -> None:
     """``trainer.fit`` with SIGTERM / SIGUSR1 handled (``PreemptionCallback``); a stop on one raises PreemptedError."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -369,7 +282,8 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     import torch
 
     from var_lab.data import build_datamodule
-    from var_lab.modules.tokenizer import build_vqvae, load_tokenizer
+    from var_lab.models.checkpoints import load_tokenizer
+    from var_lab.models.vqvae import VQVAE
     from var_lab.modules.var import VARModule
     from var_lab.resilience import PreemptionCallback
 
@@ -382,7 +296,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
         with checkpoint_load_errors(cfg.tokenizer_ckpt, "tokenizer_ckpt", TOKENIZER_CKPT_FIX):
             vqvae = load_tokenizer(cfg.tokenizer_ckpt, cfg.tokenizer)
     else:
-        vqvae = build_vqvae(cfg.tokenizer)
+        vqvae = VQVAE.from_config(cfg.tokenizer)
         warnings.warn("no tokenizer_ckpt given: training on an untrained (random) tokenizer", stacklevel=2)
     datamodule = build_datamodule(cfg.data, tokenizer=vqvae)
     if cfg.model.num_classes is None:
@@ -394,7 +308,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     if ckpt_path:
         check_resume_compatible(ckpt_path, cfg, FIT_ARCHITECTURE_KEYS)
     module = VARModule(cfg, vqvae=vqvae)
-    tags = {"var_lab.kind": "var", "var_lab.depth": str(cfg.model.depth)}  # the logger adds sweep and point
+    tags = {TAG_KIND: "var", TAG_DEPTH: str(cfg.model.depth)}  # the logger adds sweep and point
     if cfg.tracking.run_name is None:
         cfg.tracking.run_name = f"var-d{cfg.model.depth}"
     logger = make_logger(cfg.tracking, output_dir, tags)
@@ -453,7 +367,7 @@ def fit_tokenizer(cfg: FitTokenizerConfig) -> dict[str, Any]:
     if ckpt_path:
         check_resume_compatible(ckpt_path, cfg, FIT_TOKENIZER_ARCHITECTURE_KEYS)
     module = TokenizerModule(cfg)
-    tags = {"var_lab.kind": "tokenizer"}  # the logger adds sweep and point
+    tags = {TAG_KIND: "tokenizer"}  # the logger adds sweep and point
     if cfg.tracking.run_name is None:
         cfg.tracking.run_name = f"tokenizer-v{cfg.tokenizer.vocab_size}"
     logger = make_logger(cfg.tracking, output_dir, tags)

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from var_lab.evaluate import SamplingConfig, distributed_context, evaluate_var, training_images
+from var_lab.metrics.evaluation import SamplingConfig, distributed_context, evaluate_var, training_images
 from var_lab.metrics.fid import (
     DatasetImages,
     FolderImages,

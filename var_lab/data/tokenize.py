@@ -63,23 +63,13 @@ from var_lab.inputs import (
     check_output_dir,
     checkpoint_load_errors,
 )
+from var_lab.ranks import barrier, init_from_env, process_group
 
 SPLITS = ("train", "val")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Encoding
-
-
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _source(config: DataConfig, split: str, total: int, limit: Optional[int]) -> dict:
@@ -209,7 +199,7 @@ def tokenize_dataset(
             f"data.resolution={data_config.resolution} but the tokenizer encodes {tokenizer_resolution}px images "
             f"(last patch_num {vqvae.patch_nums[-1]} x downsampling); set --data.resolution {tokenizer_resolution}"
         )
-    rank, world = _distributed()
+    rank, world = process_group()
     if device is None:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
@@ -269,7 +259,7 @@ def tokenize_dataset(
             ],
         }
         _check_existing_manifest(folder, manifest, overwrite, rank)
-        _barrier()  # rank 0 may have removed a stale manifest
+        barrier()  # rank 0 may have removed a stale manifest
 
         mine = [i for i in range(num_shards) if i % world == rank]
         total = sum(manifest["shards"][i]["count"] for i in mine) * copies
@@ -322,10 +312,10 @@ def tokenize_dataset(
                 stacklevel=2,
             )
 
-        _barrier()
+        barrier()
         if rank == 0:
             _finish_manifest(folder, manifest)
-        _barrier()
+        barrier()
         manifests[split] = manifest
     return manifests
 
@@ -423,8 +413,8 @@ def build_parser():
 
 def _load_tokenizer(path: str, model_config: TokenizerModelConfig) -> nn.Module:
     """The frozen tokenizer: a fit-tokenizer Lightning checkpoint (carries its architecture) or a plain state dict."""
+    from var_lab.models.checkpoints import load_tokenizer
     from var_lab.models.release import ReleaseFormatError
-    from var_lab.modules.tokenizer import load_tokenizer
 
     # A Lightning checkpoint carries its own architecture and load_tokenizer rejects a differing one, so the
     # --tokenizer.* options count only when the user changed them (they then describe a plain state dict).
@@ -454,12 +444,9 @@ def tokenize_main(argv: list[str]) -> int:
         return 2
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
 
-    created_group = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        # Under torchrun: gloo suffices (only barriers), whatever device encodes.
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=6))
-        created_group = True
-    rank = _distributed()[0]
+    # Under torchrun: gloo suffices (only barriers), whatever device encodes.
+    created_group = init_from_env("gloo", timeout=datetime.timedelta(hours=6))
+    rank = process_group()[0]
     try:
         check_output_dir(args.out, "--out")
         vqvae = _load_tokenizer(args.tokenizer_ckpt, model_config)

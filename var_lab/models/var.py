@@ -6,9 +6,10 @@ State dict keys match the released ``var_d{16,20,24,30}.pth`` (including the buf
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import contextmanager
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,9 @@ from var_lab.models.var_blocks import (
     resolve_attn_impl,
 )
 from var_lab.models.vqvae import VQVAE
+
+if TYPE_CHECKING:
+    from var_lab.config import VARModelConfig
 
 
 class VAR(nn.Module):
@@ -151,6 +155,15 @@ class VAR(nn.Module):
         self.init_weights(init_adaln_gamma=init_adaln_gamma, init_std=init_std)
 
     # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_config(cls, config: VARModelConfig, vqvae: Optional[VQVAE], init_adaln_gamma: float = 1e-3) -> VAR:
+        """A transformer of the architecture in ``config`` (its fields are this constructor's arguments) on top of
+        ``vqvae``; ``num_classes`` must be resolved. ``init_adaln_gamma`` is the recipe's ``optim.alng``."""
+        if config.num_classes is None:
+            raise ValueError("model.num_classes must be resolved (from the dataset) before building the model")
+        kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        return cls(vqvae=vqvae, init_adaln_gamma=init_adaln_gamma, **kwargs)
+
     @property
     def vqvae(self) -> Optional[VQVAE]:
         """The tokenizer used by ``sample`` (not a submodule: move it to a device yourself)."""

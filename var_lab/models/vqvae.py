@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from var_lab.models.quant import MultiScaleQuantizer
 from var_lab.models.vae_blocks import Decoder, Encoder
+
+if TYPE_CHECKING:
+    from var_lab.config import TokenizerModelConfig
 
 
 class VQVAE(nn.Module):
@@ -72,6 +78,11 @@ class VQVAE(nn.Module):
         )
         self.quant_conv = nn.Conv2d(z_channels, z_channels, kernel_size=3, stride=1, padding=1)
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, kernel_size=3, stride=1, padding=1)
+
+    @classmethod
+    def from_config(cls, config: TokenizerModelConfig) -> VQVAE:
+        """An untrained tokenizer of the architecture in ``config`` (its fields are this constructor's arguments)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
 
     @property
     def patch_nums(self) -> tuple[int, ...]:

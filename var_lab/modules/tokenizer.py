@@ -15,7 +15,7 @@ onto residual vectors of the current batch. Measured on the demo's Fashion-MNIST
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import lightning as L
 import torch
@@ -23,82 +23,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from var_lab.config import FitTokenizerConfig, TokenizerModelConfig, from_dict, to_dict
+from var_lab.config import FitTokenizerConfig, from_dict, to_dict
+from var_lab.models.checkpoints import load_tokenizer, load_tokenizer_checkpoint  # noqa: F401 - re-exported
 from var_lab.models.vqvae import VQVAE
 from var_lab.modules.schedules import release_lr_ratio
 from var_lab.resilience import restore_rng_states, rng_states
 
-
-def build_vqvae(cfg: TokenizerModelConfig) -> VQVAE:
-    """An untrained VQVAE with the given architecture."""
-    return VQVAE(
-        vocab_size=cfg.vocab_size,
-        z_channels=cfg.z_channels,
-        ch=cfg.ch,
-        ch_mult=tuple(cfg.ch_mult),
-        num_res_blocks=cfg.num_res_blocks,
-        dropout=cfg.dropout,
-        beta=cfg.beta,
-        quant_resi=cfg.quant_resi,
-        share_quant_resi=cfg.share_quant_resi,
-        patch_nums=tuple(cfg.patch_nums),
-        using_sa=cfg.using_sa,
-        using_mid_sa=cfg.using_mid_sa,
-    )
-
-
-def load_tokenizer_checkpoint(path: Union[str, Path], map_location: str = "cpu") -> tuple[VQVAE, dict[str, Any]]:
-    """Load a ``var-lab fit-tokenizer`` checkpoint: (frozen vqvae in eval mode, info with ``config``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}")
-    return _tokenizer_from_checkpoint(torch.load(path, map_location=map_location, weights_only=False), path)
-
-
-def _tokenizer_from_checkpoint(ckpt: dict, path: Path) -> tuple[VQVAE, dict[str, Any]]:
-    """The frozen vqvae and info of an already loaded ``fit-tokenizer`` checkpoint (``path`` names it in errors)."""
-    hp = ckpt.get("hyper_parameters", {})
-    if "config" not in hp:
-        raise ValueError(f"{path}: not a var-lab tokenizer checkpoint (no hyper_parameters.config)")
-    cfg = from_dict(FitTokenizerConfig, hp["config"], str(path))
-    vqvae = build_vqvae(cfg.tokenizer)
-    state = {k[len("vqvae.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("vqvae.")}
-    vqvae.load_state_dict(state, strict=True)
-    info = {"config": hp["config"], "global_step": int(ckpt.get("global_step", 0)), "tokenizer": cfg.tokenizer}
-    return vqvae.eval().requires_grad_(False), info
-
-
-def load_tokenizer(path: Union[str, Path], cfg: Optional[TokenizerModelConfig] = None) -> VQVAE:
-    """A frozen tokenizer from our Lightning checkpoint, or from a plain state dict (the release's format).
-
-    Args:
-        path: ``.ckpt`` from ``var-lab fit-tokenizer`` or a ``.pth`` state dict such as ``vae_ch160v4096z32.pth``.
-        cfg: architecture for a plain state dict (ignored for our checkpoints, which carry their own).
-    """
-    from var_lab.models.release import ReleaseFormatError, check_state_dict
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"tokenizer checkpoint not found: {path}. Train one with `var-lab fit-tokenizer`, or download the "
-            "released vae_ch160v4096z32.pth from https://huggingface.co/FoundationVision/var and pass its path."
-        )
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(obj, dict) and "hyper_parameters" in obj and "state_dict" in obj:
-        vqvae, info = _tokenizer_from_checkpoint(obj, path)  # the file is read once
-        if cfg is not None and to_dict(info["tokenizer"]) != to_dict(cfg):
-            # The checkpoint's architecture wins; a differing config is a user error worth naming.
-            raise ValueError(
-                f"{path}: the tokenizer config given ({to_dict(cfg)}) differs from the checkpoint's "
-                f"({to_dict(info['tokenizer'])}); drop the tokenizer section or make it match"
-            )
-        return vqvae
-    if not isinstance(obj, dict):
-        raise ReleaseFormatError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    vqvae = build_vqvae(cfg or TokenizerModelConfig())
-    check_state_dict(vqvae, obj, path)
-    vqvae.load_state_dict(obj, strict=True)
-    return vqvae.eval().requires_grad_(False)
+#: an untrained VQVAE of a given architecture (kept under its old name)
+build_vqvae = VQVAE.from_config
 
 
 class PatchDiscriminator(nn.Module):

@@ -17,11 +17,11 @@ import torch
 
 from var_lab.config import FitConfig, from_dict, to_dict
 from var_lab.data.tokens import split_scales
+from var_lab.models.checkpoints import load_tokenizer, load_var_checkpoint  # noqa: F401 - re-exported
 from var_lab.models.var import VAR, loss_per_token
 from var_lab.models.vqvae import VQVAE
 from var_lab.modules.schedules import NO_WEIGHT_DECAY, release_lr_ratio, release_weight_decay
-from var_lab.modules.tokenizer import build_vqvae, load_tokenizer
-from var_lab.resilience import FAULT_NAN_AT_STEP_ENV, restore_rng_states, rng_states
+from var_lab.resilience import FAULT_NAN_AT_STEP_ENV, find_resume_checkpoint, restore_rng_states, rng_states
 
 
 class VARModule(L.LightningModule):
@@ -36,31 +36,16 @@ class VARModule(L.LightningModule):
     def __init__(self, config: Union[FitConfig, dict], vqvae: Optional[VQVAE] = None):
         super().__init__()
         cfg = config if isinstance(config, FitConfig) else from_dict(FitConfig, config, "checkpoint hyper_parameters")
-        if cfg.model.num_classes is None:
-            raise ValueError("model.num_classes must be resolved (from the dataset) before building the module")
         self.cfg = cfg
         self.save_hyperparameters({"config": to_dict(cfg)})
         if vqvae is None:
             vqvae = (
-                load_tokenizer(cfg.tokenizer_ckpt, cfg.tokenizer) if cfg.tokenizer_ckpt else build_vqvae(cfg.tokenizer)
+                load_tokenizer(cfg.tokenizer_ckpt, cfg.tokenizer)
+                if cfg.tokenizer_ckpt
+                else VQVAE.from_config(cfg.tokenizer)
             )
         self.vqvae = vqvae.eval().requires_grad_(False)
-        m = cfg.model
-        self.var = VAR(
-            vqvae=self.vqvae,
-            num_classes=m.num_classes,
-            depth=m.depth,
-            mlp_ratio=m.mlp_ratio,
-            drop_rate=m.drop_rate,
-            attn_drop_rate=m.attn_drop_rate,
-            drop_path_rate=m.drop_path_rate,  # None: the model's 0.1 * depth / 24
-            norm_eps=m.norm_eps,
-            shared_aln=m.shared_aln,
-            cond_drop_rate=m.cond_drop_rate,
-            attn_l2_norm=m.attn_l2_norm,
-            attn_impl=m.attn_impl,
-            init_adaln_gamma=cfg.optim.alng,
-        )
+        self.var = VAR.from_config(cfg.model, self.vqvae, init_adaln_gamma=cfg.optim.alng)
         self.var.activation_checkpointing = cfg.trainer.activation_checkpointing
         self.flops_per_image = self.var.estimate_flops()
         self.scaling_params = self.var.num_scaling_params()
@@ -94,7 +79,7 @@ class VARModule(L.LightningModule):
         return lr
 
     def mlflow_params(self) -> dict[str, Any]:
-        """Params of the MLflow contract (DESIGN.md)."""
+        """Params of the MLflow contract (docs/design.md, var_lab.contract)."""
         from var_lab.provenance import git_commit
 
         return {
@@ -223,8 +208,6 @@ class VARModule(L.LightningModule):
         return self._accounting
 
     def _last_good_checkpoint(self) -> str:
-        from var_lab.train import find_resume_checkpoint
-
         ckpt_dir = Path(self.cfg.output_dir).resolve() / "checkpoints"
         found = find_resume_checkpoint(ckpt_dir) if self.global_rank == 0 else None
         if found is None:
@@ -370,41 +353,3 @@ def _logger_run_id(logger) -> Optional[str]:
         return getattr(logger, "run_id", None) if logger is not None else None
     except Exception:  # noqa: BLE001 - a logger whose store is down still lets us checkpoint
         return None
-
-
-def load_var_checkpoint(
-    path: Union[str, Path], map_location: Union[str, torch.device] = "cpu"
-) -> tuple[VQVAE, VAR, dict[str, Any]]:
-    """Load a training checkpoint of ``VARModule``.
-
-    Args:
-        path: a ``.ckpt`` written by ``var-lab fit``.
-        map_location: device for the weights.
-
-    Returns:
-        (vqvae, var, info) with the tokenizer attached to the transformer, both in eval mode; ``info`` holds
-        ``fit_config`` (dict), ``global_step``, ``mlflow_run_id``, ``tracking_uri``, ``epoch``.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    if "hyper_parameters" not in ckpt or "config" not in ckpt["hyper_parameters"]:
-        raise ValueError(f"{path}: not a var-lab VAR checkpoint (no hyper_parameters.config)")
-    cfg_dict = ckpt["hyper_parameters"]["config"]
-    cfg = from_dict(FitConfig, cfg_dict, str(path))
-    state = ckpt["state_dict"]
-    vqvae = build_vqvae(cfg.tokenizer)
-    vqvae.load_state_dict({k[len("vqvae.") :]: v for k, v in state.items() if k.startswith("vqvae.")}, strict=True)
-    module = VARModule(cfg, vqvae=vqvae)
-    var = module.var
-    var.load_state_dict({k[len("var.") :]: v for k, v in state.items() if k.startswith("var.")}, strict=True)
-    meta = ckpt.get("var_lab", {})
-    info = {
-        "fit_config": cfg_dict,
-        "global_step": int(ckpt.get("global_step", 0)),
-        "epoch": int(ckpt.get("epoch", 0)),
-        "mlflow_run_id": meta.get("mlflow_run_id"),
-        "tracking_uri": meta.get("tracking_uri"),
-    }
-    return vqvae.eval(), var.eval(), info

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from var_lab.contract import TAG_POINT, TAG_SWEEP
 from var_lab.run_lock import describe as describe_trainer
 from var_lab.run_lock import trainer_holding
-from var_lab.sweeps.expand import Plan, Task
-from var_lab.sweeps.launchers import (
+from var_lab.sweeps.claims import (
     CANCELLED_NAME,
     CLAIM_NAME,
     claim_owner_alive,
@@ -35,6 +35,7 @@ from var_lab.sweeps.launchers import (
     run_has_progress,
     slurm_job_states,
 )
+from var_lab.sweeps.expand import Plan, Task
 
 #: metrics shown per run: (column, MLflow key)
 METRIC_COLUMNS = (
@@ -141,12 +142,12 @@ def _mlflow_runs(plan: Plan) -> dict[str, Any]:
     if experiment is not None:
         runs = client.search_runs(
             [experiment.experiment_id],
-            filter_string=f"tags.`var_lab.sweep` = '{plan.sweep.name}'",
+            filter_string=f"tags.`{TAG_SWEEP}` = '{plan.sweep.name}'",
             max_results=10000,
             order_by=["attributes.start_time ASC"],
         )
         for run in runs:
-            point = run.data.tags.get("var_lab.point")
+            point = run.data.tags.get(TAG_POINT)
             if point:
                 found[point] = run  # the latest started wins
     for task in plan.tasks:
