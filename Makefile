@@ -72,6 +72,7 @@ test-fast: venv
 lint: venv
 	$(VENV)/bin/ruff check var_lab analysis tests benchmarks
 	$(VENV)/bin/ruff format --check var_lab analysis tests benchmarks
+	$(VENV)/bin/lint-imports
 
 format: venv
 	$(VENV)/bin/ruff format var_lab analysis tests benchmarks
