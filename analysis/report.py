@@ -38,7 +38,7 @@ from analysis import fit as F
 from analysis import plots as P
 from analysis.runs import AnalysisWarning, Study, parse_patch_nums, usable_runs
 
-#: the VAR paper's reported FIDs (ImageNet 256, VAR_FACTS.md): depth, parameters, FID (paper), FID (release README)
+#: the VAR paper's reported FIDs (ImageNet 256, docs/var_reference.md): depth, parameters, FID (paper and README)
 PAPER_FID = pd.DataFrame(
     {
         "depth": [16, 20, 24, 30],
@@ -932,7 +932,7 @@ def _report_fid(study: Study, result: AnalysisResult, options: AnalysisOptions) 
     else:
         out += ["No FID logged by the used runs.", ""]
     if options.paper_reference:
-        text = "Paper's reported FIDs (VAR_FACTS.md): " + ", ".join(
+        text = "Paper's reported FIDs (ImageNet 256): " + ", ".join(
             f"d{int(r.depth)} ({r.N / 1e9:.2g}B) {r.fid}" for r in PAPER_FID.itertuples()
         )
         paper = fits[fits["target"] == "paper FID"] if len(fits) else fits

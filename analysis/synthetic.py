@@ -2,7 +2,7 @@
 
 Tests, the notebook, the benchmarks and the documentation need a study whose true law is known. This module plants
 ``L(N, D) = E + A / N**alpha + B / D**beta`` (N = parameters, D = training tokens seen) into runs that carry exactly the
-tags, params and step metrics that training and evaluation log (see DESIGN.md, "MLflow contract"), so the loaders
+tags, params and step metrics that training and evaluation log (the names of ``var_lab.contract``), so the loaders
 and fits are exercised on the same names as a real sweep.
 
 Two writers:
@@ -58,7 +58,7 @@ class PlantedFID:
 def var_param_counts(
     depth: int, vocab_size: int = 4096, cvae: int = 32, num_classes: int = 1000, patch_nums=DEFAULT_PATCH_NUMS
 ) -> dict[str, int]:
-    """Parameter counts of a VAR-d{depth} by group (architecture of VAR_FACTS.md, width 64 * depth).
+    """Parameter counts of a VAR-d{depth} by group (docs/var_reference.md: width 64 * depth).
 
     Returns:
         dict with keys ``total``, ``blocks`` (attention + MLP), ``embed``, ``adaln`` (every AdaLN linear) and

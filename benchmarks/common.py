@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-# The release measured on one H100 80GB (../shared/VAR_FACTS.md): depth -> (batch, step s, images/s, peak GiB).
+# The release measured on one H100 80GB (docs/var_reference.md): depth -> (batch, step s, images/s, peak GiB).
 RELEASE_TRAIN = {16: (64, 0.335, 191, 45), 20: (48, 0.420, 114, 55), 24: (32, 0.429, 75, 58), 30: (16, 0.395, 41, 61)}
 RELEASE_TRAIN_COMPILED_D16 = (64, 0.182, 351)
 # Sampling 64 images with cfg and a KV cache: depth -> (seconds, images/s).

@@ -11,7 +11,7 @@ Variants (each measured, so every optimisation has a before and after):
 
 Each step is what ``VARModule.training_step`` does with token files: teacher-forcing input from the token ids through
 the frozen quantizer, forward, cross-entropy, backward, grad-norm clipping, fused AdamW. Reports images/s, model
-TFLOP/s (VAR_FACTS.md formula), % of the measured bf16 matmul peak, peak memory and the ratio to the release.
+TFLOP/s (docs/var_reference.md's formula), % of the measured bf16 matmul peak, peak memory and the ratio to the release.
 
 Usage: python benchmarks/train_step.py [--depths 16 20 24 30] [--variants release flex+compile] [--out FILE]
 """

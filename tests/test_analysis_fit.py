@@ -159,7 +159,7 @@ def test_expanded_interval_level():
 
 
 def test_paper_fid_table_refit_reports_r():
-    # VAR_FACTS.md: d16 310M 3.30, d20 600M 2.57, d24 1.0B 2.09, d30 2.0B 1.92
+    # docs/var_reference.md: d16 310M 3.30, d20 600M 2.57, d24 1.0B 2.09, d30 2.0B 1.92
     N = np.array([0.31, 0.6, 1.0, 2.0])
     fid = np.array([3.30, 2.57, 2.09, 1.92])
     result = F.fit_power_law(N, fid, bootstrap=200)

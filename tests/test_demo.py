@@ -50,5 +50,10 @@ def test_demo_sweep_small(tmp_path, fashion_mnist_dir, fid_weights_path):
     assert var_runs[fid_col].map(lambda v: math.isfinite(float(v))).all()
     # running it again reuses the finished runs
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0
-    assert "skip" in (again.stdout + again.stderr).lower() or "finished" in (again.stdout + again.stderr).lower()
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    # nothing starts: every stage (tokenizer, tokenize, 2 fits, their evals, analyze) is skipped as finished
+    lines = (again.stdout + again.stderr).splitlines()
+    skipped = [line.strip() for line in lines if line.strip().startswith("skip ")]
+    assert "nothing to start" in lines, lines[-20:]
+    assert len(skipped) >= 6 and all(line.endswith(": finished") for line in skipped), skipped
+    assert not [line for line in lines if line.strip().startswith("start ")]

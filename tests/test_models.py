@@ -152,10 +152,26 @@ def test_preset_and_scaling_metadata():
     counts = var.num_scaling_params()
     assert counts["total"] == sum(p.numel() for p in var.parameters())
     assert counts["total"] == counts["embed"] + counts["blocks"] + counts["adaln"] + counts["head"]
-    C, d, L, V = 64, 3, var.L, 64
+    C, d = 64, 3
     assert counts["adaln"] == d * (C * 6 * C + 6 * C) + (C * 2 * C + 2 * C)
-    expected = 3 * (2 * L * (12 * d * C * C + C * V + 8 * C) + 4 * d * L * L * C)
-    assert var.estimate_flops() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_flops_estimate_matches_an_independent_count(depth):
+    """estimate_flops (training FLOPs per image) against torch's own count of one forward + backward.
+
+    The math kernel is counted (FlopCounterMode has no count for the CPU SDPA path with a mask); the estimate leaves
+    out only the per-image AdaLN projections and the elementwise work, a fraction of a percent here.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    var = tiny_var(tiny_vqvae(), depth=depth, attn_impl="math")
+    B = 2
+    x_BLCv = torch.randn(B, var.L - 1, var.Cvae)
+    labels_B = torch.randint(0, 10, (B,))
+    with FlopCounterMode(display=False) as counter:
+        var(labels_B, x_BLCv).sum().backward()
+    assert var.estimate_flops() == pytest.approx(counter.get_total_flops() / B, rel=0.01)
 
 
 def test_release_sizes_on_meta_device(shapes_listing):

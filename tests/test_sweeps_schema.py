@@ -17,7 +17,7 @@ from var_lab.sweeps.schema import SweepError, load_sweep
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO_ROOT / "sweeps").glob("*.yaml"))
-RECIPE = {  # VAR_FACTS.md: depth -> global batch, epochs, base lr, alng, final lr ratio, final wd
+RECIPE = {  # docs/var_reference.md: depth -> global batch, epochs, base lr, alng, final lr ratio, final wd
     16: (768, 200, 1e-4, 1e-3, 0.1, 0.05),
     20: (768, 250, 1e-4, 1e-3, 0.1, 0.05),
     24: (768, 350, 8e-5, 1e-4, 0.01, 0.05),
@@ -94,6 +94,46 @@ def test_imagenet_sweep_has_the_release_recipe_per_depth():
         assert cfg["tokenizer"]["patch_nums"] == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
         assert cfg["data"]["name"] == "tokens"  # the tokenize stage feeds the runs
     assert plan.task("depth=30").resources.nodes == 8
+
+
+def test_scaling_ladder_takes_each_recipe_from_the_presets():
+    """`recipe: release`: every size's recipe is from_depth's, d27 included (d24's, the tie going to the smaller)."""
+    from var_lab.models.presets import from_depth
+
+    plan = expand(load_sweep(REPO_ROOT / "sweeps/var_scaling_ladder.yaml"))
+    for task in plan.runs:
+        cfg, res = task.config, task.resources
+        preset = from_depth(cfg["model"]["depth"])
+        assert cfg["data"]["batch_size"] * res.nodes * res.gpus_per_node == preset.global_batch
+        assert cfg["trainer"]["max_epochs"] == preset.epochs
+        assert (cfg["optim"]["base_lr"], cfg["optim"]["alng"]) == (preset.base_lr, preset.alng)
+        assert cfg["optim"]["final_lr_ratio"] == preset.final_lr_ratio
+        assert cfg["optim"]["final_weight_decay"] == preset.final_weight_decay
+    d27 = plan.task("depth=27").config
+    assert (d27["optim"]["alng"], d27["optim"]["final_weight_decay"], d27["trainer"]["max_epochs"]) == (1e-4, 0.05, 350)
+
+
+def test_recipe_release_yields_to_axes_overrides_and_set(tmp_path):
+    text = MINIMAL.replace("name: tiny\n", "name: tiny\nrecipe: release\n").replace("data: {batch_size: 8}", "data: {}")
+    text += "overrides:\n  depth:\n    2: {optim.base_lr: 3.0e-4}\n"
+    plan = expand(load_sweep(write(tmp_path, text)), sets=["trainer.max_epochs=3"])
+    d1, d2 = (plan.task(f"depth={d}").config for d in (1, 2))
+    assert d1["data"]["batch_size"] == 768 and d1["optim"]["alng"] == 1e-3  # d16's recipe, one CPU process
+    assert d1["optim"]["base_lr"] == 1e-4 and d2["optim"]["base_lr"] == 3e-4
+    assert d1["trainer"]["max_epochs"] == d2["trainer"]["max_epochs"] == 3
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("name: t\nrecipe: paper\n", "recipe"),
+        ("name: t\nkind: tokenizer\nrecipe: release\n", "belongs to sweeps of kind var"),
+    ],
+)
+def test_recipe_errors_name_the_key(tmp_path, text, message):
+    with pytest.raises(SweepError, match=message) as info:
+        load_sweep(write(tmp_path, text))
+    assert "recipe" in str(info.value)
 
 
 def test_scaling_ladder_has_twelve_sizes_from_6_to_30_with_a_budget_each():

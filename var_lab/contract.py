@@ -2,7 +2,7 @@
 
 Writers (``var_lab.train``, ``var_lab.modules``, ``var_lab.evaluate``, ``analysis.cli``) and readers
 (``analysis.runs``, ``var-lab sweep status``) import these names from here, so neither side depends on the other's
-code. The table in the README and ``docs/design.md`` list them.
+code. The README's table lists them (``docs/var_reference.md``).
 """
 
 from __future__ import annotations

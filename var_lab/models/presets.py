@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from var_lab.config import DEPTH_RULE, depth_is_valid, invalid_message
 
-# The release's recipe for ImageNet 256 (VAR_FACTS.md). Batch is the global batch.
+# The release's recipe for ImageNet 256 (docs/var_reference.md). Batch is the global batch.
 _RELEASE_RECIPES = {
     16: dict(global_batch=768, epochs=200, base_lr=1e-4, alng=1e-3, final_lr_ratio=0.1, final_weight_decay=0.05),
     20: dict(global_batch=768, epochs=250, base_lr=1e-4, alng=1e-3, final_lr_ratio=0.1, final_weight_decay=0.05),

@@ -79,7 +79,7 @@ class VARModule(L.LightningModule):
         return lr
 
     def mlflow_params(self) -> dict[str, Any]:
-        """Params of the MLflow contract (docs/design.md, var_lab.contract)."""
+        """Params of the MLflow contract (var_lab.contract)."""
         from var_lab.provenance import git_commit
 
         return {

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import yaml
 
 from var_lab.config import ConfigError, FitConfig, FitTokenizerConfig, from_dict, to_dict
+from var_lab.models.presets import from_depth
 from var_lab.sweeps.schema import (
     GLOBAL_BATCH_KEY,
     Resources,
@@ -141,6 +142,21 @@ def _merge(acc: dict, layer: dict) -> None:
         for other in [k for k in acc if k.startswith(key + ".") or key.startswith(k + ".")]:
             del acc[other]
         acc[key] = copy.deepcopy(value)
+
+
+def recipe_layer(recipe: Optional[str], depth: int) -> dict:
+    """The flat config keys a sweep's ``recipe`` gives a point of this depth (empty without a recipe)."""
+    if recipe != "release":
+        return {}
+    preset = from_depth(depth)
+    return {
+        GLOBAL_BATCH_KEY: preset.global_batch,
+        "trainer.max_epochs": preset.epochs,
+        "optim.base_lr": preset.base_lr,
+        "optim.alng": preset.alng,
+        "optim.final_lr_ratio": preset.final_lr_ratio,
+        "optim.final_weight_decay": preset.final_weight_decay,
+    }
 
 
 def _split_resources(flat: dict) -> tuple[dict, dict]:
@@ -312,6 +328,9 @@ def expand(
         acc: dict = {}
         _merge(acc, stage_layer)
         _merge(acc, base_config)
+        if sweep.recipe is not None:
+            depth = {**base_config, **values}.get("model.depth", FitConfig().model.depth)
+            _merge(acc, recipe_layer(sweep.recipe, depth))
         _merge(acc, values)
         resource_layer: dict = {}
         for dotted, value in values.items():

@@ -11,6 +11,10 @@ gives one MLflow experiment with one run per point of the grid ``axes``. Keys (a
     tracking:
       uri: null                  # default sqlite:///<output_root>/mlflow.db (absolute); e.g. http://login1:5000
       experiment: null           # default: the sweep name
+    recipe: null                 # kind var: "release" gives every point the release's recipe for its depth
+                                 # (var_lab.models.presets.from_depth: data.global_batch, trainer.max_epochs,
+                                 # optim.base_lr / alng / final_lr_ratio / final_weight_decay), applied after base
+                                 # and before the axis values, overrides and --set (which win)
     base:                        # a partial FitConfig (kind var) or FitTokenizerConfig (kind tokenizer);
       model: {num_classes: 1000} # nested mappings or dotted keys ("optim.base_lr: 1.0e-4") both work
       data.global_batch: 768     # sweep-only key: the GLOBAL batch; data.batch_size = global / (nodes * devices
@@ -338,6 +342,7 @@ class SweepFile(Section):
     output_root: str = "outputs/sweeps"
     launcher: Literal["slurm", "torchrun", "local"] = "local"
     tracking: Optional[dict] = None
+    recipe: Optional[Literal["release"]] = None
     base: Optional[dict] = None
     axes: Optional[dict] = None
     overrides: Optional[dict] = None
@@ -368,6 +373,7 @@ class Sweep:
     output_root: str = "outputs/sweeps"
     launcher: str = "local"
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    recipe: Optional[str] = None
     base: dict = field(default_factory=dict)
     axes: dict = field(default_factory=dict)
     overrides: dict = field(default_factory=dict)
@@ -627,6 +633,9 @@ def validate_sweep(data: Any, source: str, lines: Optional[dict] = None) -> Swee
         lines=lines,
     )
     sweep.tracking = section(TrackingSpec, top.tracking, "tracking", err)
+    if top.recipe is not None and sweep.kind != "var":
+        raise err("the release's per-depth recipe is for VAR runs; it belongs to sweeps of kind var", "recipe")
+    sweep.recipe = top.recipe
     sweep.resources = section(Resources, top.resources, "resources", err)
     sweep.torchrun = section(TorchrunSpec, top.torchrun, "torchrun", err)
 
