@@ -19,17 +19,15 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from mlflow_helpers import MlflowServer, free_port, log_params_flat
 
 from var_lab import tracking
 from var_lab.config import TrackingConfig
 from var_lab.tracking import (
-    MlflowServer,
     ResilientMLFlowLogger,
     ensure_store,
-    free_port,
     get_or_create_experiment,
     git_commit,
-    log_params_flat,
     make_mlflow_logger,
     normalize_tracking_uri,
     resolve_tracking_uri,
@@ -131,7 +129,7 @@ def test_ensure_store_creates_then_reuses_the_database(tmp_path):
     assert {"experiments", "runs", "metrics", "params", "tags"} <= tables
 
     experiment_id = get_or_create_experiment(uri, "reuse")
-    tracking._ENSURED.discard(uri)  # as a new process would: the existing database is verified, not rebuilt
+    tracking.store._ENSURED.discard(uri)  # as a new process would: the existing database is verified, not rebuilt
     ensure_store(uri)
     assert get_or_create_experiment(uri, "reuse") == experiment_id
     with sqlite3.connect(db) as conn:

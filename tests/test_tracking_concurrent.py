@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from mlflow_helpers import MlflowServer
 
-from var_lab.tracking import MlflowServer, ensure_store
+from var_lab.tracking import ensure_store
 
 NUM_PROCESSES = 8
 NUM_STEPS = 50
