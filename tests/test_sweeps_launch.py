@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from var_lab.sweeps.decisions import Decision, Why
 from var_lab.sweeps.expand import expand
 from var_lab.sweeps.launchers import (
     CLAIM_NAME,
@@ -405,7 +406,7 @@ def test_lightning_requeue_on_sigusr1_with_fake_scontrol(tmp_path, fashion_mnist
     path = tiny_sweep(tmp_path, depths=(1,), max_steps=80)
     path.write_text(path.read_text().replace("limit_train: 64", "limit_train: 1024"))
     plan = expand(load_sweep(path))
-    Launcher(plan, out=lambda line: None).write_configs({t.name: ("start", "") for t in plan.tasks})
+    Launcher(plan, out=lambda line: None).write_configs({t.name: Decision(Why.NEW) for t in plan.tasks})
     task = plan.runs[0]
     folder = task.task_dir / "slurm"
     folder.mkdir(parents=True)
