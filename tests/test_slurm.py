@@ -92,8 +92,8 @@ def test_sweep_run_submitted_to_real_slurm_through_submitit(tmp_path, fashion_mn
 def test_real_slurm_requeue_on_sigusr1_resumes_the_same_run(tmp_path, fashion_mnist_dir):
     import mlflow
 
-    # long enough (600 steps, one epoch of 1,024) that the signal lands while the job trains, even on a loaded box
-    max_steps = 600
+    # long enough (200 steps, ~1 min on 2 cores) that the signal, sent at the first logged step, lands while it trains
+    max_steps = 200
     path = sweep_file(tmp_path, max_steps=max_steps, limit_train=8192)
     result = var_lab("sweep", "launch", str(path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
