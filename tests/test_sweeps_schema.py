@@ -123,6 +123,23 @@ def test_recipe_release_yields_to_axes_overrides_and_set(tmp_path):
     assert d1["trainer"]["max_epochs"] == d2["trainer"]["max_epochs"] == 3
 
 
+def test_recipe_release_follows_the_depth_whichever_layer_sets_it(tmp_path):
+    text = """\
+    name: tiny
+    recipe: release
+    launcher: local
+    resources: {gpus_per_node: 0}
+    base: {model: {num_classes: 10, depth: 16}}
+    axes: {seed: [0, 1]}
+    overrides: {seed: {1: {model.depth: 30}}}
+    """
+    sweep = load_sweep(write(tmp_path, text))
+    by_override = expand(sweep).task("seed=1").config
+    assert (by_override["data"]["batch_size"], by_override["optim"]["alng"]) == (1024, 1e-5)  # d30's recipe
+    by_set = expand(sweep, sets=["model.depth=24"]).task("seed=0").config
+    assert (by_set["trainer"]["max_epochs"], by_set["optim"]["alng"]) == (350, 1e-4)  # d24's, not base d16's
+
+
 @pytest.mark.parametrize(
     "text,message",
     [

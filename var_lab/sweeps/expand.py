@@ -144,6 +144,14 @@ def _merge(acc: dict, layer: dict) -> None:
         acc[key] = copy.deepcopy(value)
 
 
+def _merged(layers: list[dict]) -> dict:
+    """The flat config of layers applied in order (see _merge)."""
+    acc: dict = {}
+    for layer in layers:
+        _merge(acc, layer)
+    return acc
+
+
 def recipe_layer(recipe: Optional[str], depth: int) -> dict:
     """The flat config keys a sweep's ``recipe`` gives a point of this depth (empty without a recipe)."""
     if recipe != "release":
@@ -325,21 +333,20 @@ def expand(
 
     runs = []
     for key, values in points:
-        acc: dict = {}
-        _merge(acc, stage_layer)
-        _merge(acc, base_config)
-        if sweep.recipe is not None:
-            depth = {**base_config, **values}.get("model.depth", FitConfig().model.depth)
-            _merge(acc, recipe_layer(sweep.recipe, depth))
-        _merge(acc, values)
+        layers = [stage_layer, base_config, values]
         resource_layer: dict = {}
         for dotted, value in values.items():
             table = sweep.overrides.get(dotted, {}).get(format_value(value), {})
             layer_config, layer_resources = _split_resources(table)
-            _merge(acc, layer_config)
+            layers.append(layer_config)
             resource_layer.update(layer_resources)
-        _merge(acc, set_config)
+        layers.append(set_config)
         resource_layer.update(set_resources)
+        if sweep.recipe is not None:
+            # the recipe of the point's final depth (whichever layer set it), beneath the axes, overrides and --set
+            depth = _merged(layers).get("model.depth", FitConfig().model.depth)
+            layers.insert(2, recipe_layer(sweep.recipe, depth))
+        acc = _merged(layers)
         if sweep.tokenize is not None:
             acc["data.name"] = "tokens"
             acc["data.token_dir"] = str(sweep_dir / "tokens")
