@@ -149,16 +149,40 @@ def analyze_main(argv: list[str]) -> int:
 
 
 def log_report(study, out_dir: Path) -> str:
-    """Log a report folder as the artifacts of a new run in the first analysed experiment; returns its run id."""
+    """Log a report folder as the artifacts of a new run in the first analysed experiment; returns its run id.
+
+    It writes as training and eval do (:func:`var_lab.tracking.deliver_or_spool`): once the run exists, a store
+    that goes down keeps the report's files in ``<out_dir>/mlflow_spool.jsonl`` for ``var-lab sync``.
+    """
     from mlflow.tracking import MlflowClient
+
+    from var_lab.contract import TAG_KIND, TAG_SWEEP
+    from var_lab.tracking import SPOOL_FILENAME, deliver_or_spool
 
     client = MlflowClient(tracking_uri=study.tracking_uri)
     experiment = client.get_experiment_by_name(study.experiments[0])
-    run = client.create_run(
+    run_id = client.create_run(
         experiment.experiment_id,
-        tags={"var_lab.kind": "analysis", "var_lab.sweep": study.experiments[0]},
+        tags={TAG_KIND: "analysis", TAG_SWEEP: study.experiments[0]},
         run_name="analysis",
-    )
-    client.log_artifacts(run.info.run_id, str(out_dir), artifact_path="analysis")
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    ).info.run_id
+
+    def record(kind: str, **fields) -> dict:
+        return {"uri": study.tracking_uri, "run_id": run_id, "type": kind, **fields}
+
+    # One record per entry of the folder (a folder's record logs its contents), so that the spool, which lives in
+    # the same folder, never copies itself.
+    records = [
+        record("artifact", path=str(entry), artifact_path="analysis" if entry.is_file() else f"analysis/{entry.name}")
+        for entry in sorted(Path(out_dir).iterdir())
+        if not entry.name.startswith("mlflow_spool")
+    ]
+    records.append(record("status", status="FINISHED", end_time=None))
+    delivery = deliver_or_spool(records, Path(out_dir) / SPOOL_FILENAME)
+    if delivery.remaining:
+        print(
+            f"warning: the MLflow store is unreachable ({delivery.error}); the report of run {run_id} is kept in "
+            f"{delivery.path}: deliver it with `var-lab sync --output-dir {out_dir}`",
+            file=sys.stderr,
+        )
+    return run_id

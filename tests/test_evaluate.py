@@ -262,6 +262,53 @@ def test_released_checkpoint_gets_a_new_eval_run(tmp_path):
     assert run.info.status == "FINISHED"
 
 
+def test_eval_into_a_training_run_survives_an_outage_and_syncs(tmp_path, capsys):
+    """The store is down when an evaluation of a training run ends: the records wait in the eval folder's spool, and
+    `var-lab sync` delivers them to the same run; nothing is logged twice when sync runs again."""
+    from mlflow.tracking import MlflowClient
+    from mlflow_helpers import free_port
+
+    from var_lab.evaluate import EvalResult
+    from var_lab.tracking import get_or_create_experiment, sync_main
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = MlflowClient(store).create_run(get_or_create_experiment(store, "sweep")).info.run_id
+    MlflowClient(store).log_param(run_id, "model.depth", "2")
+    out = tmp_path / "run" / "checkpoints" / "eval_step80_cfg1.5_n40"
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text('{"fid": 120.5}')
+    result = EvalResult(
+        metrics={"fid": 120.5, "kid": 0.05},
+        num_samples=40,
+        resolution=32,
+        reference="folder:/data/ref",
+        seconds={},
+        files={"metrics_json": str(out / "metrics.json")},
+    )
+    down = f"http://127.0.0.1:{free_port()}"
+    sampling = SamplingConfig(num_samples=40, num_classes=10)
+    assert log_to_mlflow(result, sampling, tracking_uri=down, step=80, run_id=run_id) == run_id
+    err = capsys.readouterr().err
+    assert "unreachable" in err and f"var-lab sync --output-dir {out}" in err
+    assert (out / "mlflow_spool.jsonl").is_file()
+    assert "eval/fid" not in MlflowClient(store).get_run(run_id).data.metrics
+
+    for _ in range(2):  # the second sync finds nothing; the store would drop a repeated point anyway
+        assert sync_main(["--output-dir", str(tmp_path / "run"), "--tracking-uri", store]) == 0
+    run = MlflowClient(store).get_run(run_id)
+    assert run.data.metrics["eval/fid"] == pytest.approx(120.5) and run.data.params["eval.num_samples"] == "40"
+    assert [m.step for m in MlflowClient(store).get_metric_history(run_id, "eval/fid")] == [80]
+    assert [a.path for a in MlflowClient(store).list_artifacts(run_id, "eval/step80")] == ["eval/step80/metrics.json"]
+    assert not (out / "mlflow_spool.jsonl").exists()
+
+    # Store up: a second evaluation with other settings logs at once, its changed params as step tags.
+    sampling = SamplingConfig(num_samples=80, num_classes=10)
+    log_to_mlflow(result, sampling, tracking_uri=store, step=160, run_id=run_id)
+    run = MlflowClient(store).get_run(run_id)
+    assert run.data.tags["eval.num_samples:step160"] == "80" and run.data.params["eval.num_samples"] == "40"
+    assert not (out / "mlflow_spool.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_reference_stats_cli_caches_and_exports(tmp_path, converted_weights, capsys):
     folder = tmp_path / "imgs"

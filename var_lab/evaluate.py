@@ -28,7 +28,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -98,50 +98,87 @@ def log_to_mlflow(
     run_name: Optional[str] = None,
     tags: Optional[dict[str, str]] = None,
     params: Optional[dict[str, Any]] = None,
+    spool_dir: Optional[Union[str, Path]] = None,
 ) -> str:
     """Log an evaluation into ``run_id`` (a training run) or into a new run of ``experiment``.
 
-    MLflow params are immutable: an ``eval.*`` param already logged in the run with another value (a second evaluation
-    with other settings) is recorded as the tag ``<param>:step<step>`` instead, with a warning.
+    It writes the way a training run does (:func:`var_lab.tracking.deliver_or_spool`): when the store is down, the
+    metrics, params and artifacts are kept in ``<spool_dir>/mlflow_spool.jsonl`` and ``var-lab sync`` delivers them.
+    A new run needs the store up to get its id. MLflow params are immutable: an ``eval.*`` param already logged in the
+    run with another value (a second evaluation with other settings) is recorded as the tag ``<param>:step<step>``
+    instead, with a warning.
+
+    Args:
+        spool_dir: where an outage's records are kept (default: the folder of ``metrics.json``, else the current one).
 
     Returns:
         The run id.
     """
-    from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from var_lab.tracking import TAG_KIND, get_or_create_experiment, normalize_tracking_uri
+    from var_lab.tracking import (
+        REJECTED_FILENAME,
+        SPOOL_FILENAME,
+        TAG_KIND,
+        deliver_or_spool,
+        get_or_create_experiment,
+        logged_params,
+        normalize_tracking_uri,
+    )
 
     tracking_uri = normalize_tracking_uri(tracking_uri)
-    if run_id is None:
+    new_run = run_id is None
+    if new_run:
         experiment_id = get_or_create_experiment(tracking_uri, experiment)
-    client = MlflowClient(tracking_uri)
-    if run_id is None:
         run_tags = {TAG_KIND: "eval", **(tags or {})}
-        run_id = client.create_run(experiment_id, run_name=run_name, tags=run_tags).info.run_id
-        new_run = True
+        run_id = MlflowClient(tracking_uri).create_run(experiment_id, run_name=run_name, tags=run_tags).info.run_id
+        existing: Optional[dict[str, str]] = {}
     else:
-        client.get_run(run_id)  # fails clearly when the run does not exist in this store
-        new_run = False
+        existing = logged_params(tracking_uri, run_id)  # fails clearly when the run is not in this store
     wanted = {k: str(v) for k, v in (params or {}).items()} | eval_params(sampling, result)
-    existing = client.get_run(run_id).data.params
-    fresh = [Param(k, v) for k, v in wanted.items() if k not in existing]
-    changed = {k: v for k, v in wanted.items() if k in existing and existing[k] != v}
-    timestamp = int(time.time() * 1000)
-    metrics = [Metric(k, v, timestamp, step) for k, v in mlflow_metrics(result).items()]
-    run_tags = [RunTag(f"{k}:step{step}", v) for k, v in changed.items()]
+    # With the store down the params cannot be compared now; a changed one is then refused at delivery, with both
+    # values, in mlflow_spool.rejected.jsonl.
+    known = existing or {}
+    changed = {k: v for k, v in wanted.items() if k in known and known[k] != v}
     if changed:
         print(
-            f"var-lab eval: run {run_id} already has {', '.join(f'{k}={existing[k]}' for k in changed)}; "
+            f"var-lab eval: run {run_id} already has {', '.join(f'{k}={known[k]}' for k in changed)}; "
             f"MLflow params are immutable, so this evaluation's values are tags '<param>:step{step}'",
             file=sys.stderr,
         )
-    client.log_batch(run_id, metrics=metrics, params=fresh, tags=run_tags)
-    for key in ("grid", "metrics_json"):
-        if key in result.files:
-            client.log_artifact(run_id, result.files[key], artifact_path=f"eval/step{step}")
+
+    def record(kind: str, **fields: Any) -> dict:
+        return {"uri": tracking_uri, "run_id": run_id, "type": kind, **fields}
+
+    timestamp = int(time.time() * 1000)
+    records = [record("param", key=k, value=v) for k, v in wanted.items() if k not in known]
+    records += [record("tag", key=f"{k}:step{step}", value=v) for k, v in changed.items()]
+    records += [
+        record("metric", key=k, value=v, step=step, timestamp=timestamp) for k, v in mlflow_metrics(result).items()
+    ]
+    records += [
+        record("artifact", path=str(result.files[key]), artifact_path=f"eval/step{step}")
+        for key in ("grid", "metrics_json")
+        if key in result.files
+    ]
     if new_run:
-        client.set_terminated(run_id)
+        records.append(record("status", status="FINISHED", end_time=timestamp))
+    if spool_dir is None:
+        spool_dir = Path(result.files["metrics_json"]).parent if "metrics_json" in result.files else Path.cwd()
+    delivery = deliver_or_spool(records, Path(spool_dir) / SPOOL_FILENAME)
+    if delivery.remaining:
+        print(
+            f"var-lab eval: the MLflow store at {tracking_uri} is unreachable ({delivery.error}); "
+            f"{delivery.remaining} records of run {run_id} are kept in {delivery.path}: deliver them with "
+            f"`var-lab sync --output-dir {Path(spool_dir)}`",
+            file=sys.stderr,
+        )
+    if delivery.rejected:
+        print(
+            f"var-lab eval: the store refused {delivery.rejected} records of run {run_id}; they and the reasons are in "
+            f"{Path(spool_dir) / REJECTED_FILENAME}",
+            file=sys.stderr,
+        )
     return run_id
 
 

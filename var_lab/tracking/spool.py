@@ -404,6 +404,73 @@ class Spool:
             self.artifacts_dir.rmdir()
 
 
+def store_clients() -> Callable[[str], MlflowClient]:
+    """An MlflowClient per tracking URI, made once; a sqlite store that does not exist is unavailable, never created.
+
+    Records always belong to runs already in a store, so an empty new database could only swallow them.
+    """
+    clients: dict[str, MlflowClient] = {}
+
+    def client_for(uri: str) -> MlflowClient:
+        if uri not in clients:
+            db = sqlite_path(uri)
+            if db is not None and not db.is_file():
+                raise StoreUnavailableError(f"sqlite database {db} does not exist (moved? see --tracking-uri)")
+            clients[uri] = MlflowClient(uri)
+        return clients[uri]
+
+    return client_for
+
+
+def logged_params(uri: str, run_id: str, http_timeout_s: int = 10) -> Optional[dict[str, str]]:
+    """The params a run has logged, or None when its store is unreachable now.
+
+    Raises:
+        MlflowException: the store is up and has no such run.
+    """
+    with _http_limits(1, http_timeout_s):
+        try:
+            client = store_clients()(uri)
+            return _call(lambda: client.get_run(run_id).data.params, lock_retries=6, max_block_s=30.0)
+        except StoreUnavailableError:
+            return None
+
+
+def deliver_or_spool(
+    records: list[dict], spool_path: Union[str, Path], http_max_retries: int = 1, http_timeout_s: int = 10
+) -> DeliveryReport:
+    """Deliver records now; what an unreachable store did not take is appended to the spool for ``var-lab sync``.
+
+    The one way eval, analyze and a run's logger write to MLflow once their run exists: an outage costs nothing but
+    a later ``var-lab sync``. Records the store refuses for good go to the rejected file beside the spool, with the
+    reason.
+
+    Args:
+        records: see the record format above (their runs must exist).
+        spool_path: the spool file (``<folder>/mlflow_spool.jsonl``, which ``var-lab sync --output-dir`` finds).
+        http_max_retries: HTTP retries per call of a tracking server (a down server is not waited for).
+        http_timeout_s: HTTP timeout per request.
+
+    Returns:
+        Counts: delivered, rejected, and remaining (spooled); ``error`` says why the store was unavailable.
+    """
+    spool = Spool(spool_path)
+    report = DeliveryReport(spool.path)
+    rejected: list[tuple[Any, str]] = []
+    done = len(records)
+    with _http_limits(http_max_retries, http_timeout_s):
+        try:
+            deliver_records(records, store_clients(), lambda record, reason: rejected.append((record, reason)))
+        except StoreUnavailableError as exc:
+            done = exc.done or 0
+            report.error = str(exc)
+    spool._append_rejected(rejected)
+    report.remaining = spool.append(records[done:])
+    report.rejected = len(rejected)
+    report.delivered = done - len(rejected)
+    return report
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # var-lab sync
 # ----------------------------------------------------------------------------------------------------------------------
@@ -468,17 +535,7 @@ def sync_main(argv: list[str]) -> int:
     if not spools:
         print(f"var-lab sync: nothing to deliver under {', '.join(map(str, folders))}")
         return 0
-    clients: dict[str, MlflowClient] = {}
-
-    def client_for(uri: str) -> MlflowClient:
-        if uri not in clients:
-            db = sqlite_path(uri)
-            if db is not None and not db.is_file():
-                # Never create an empty store here: the runs the points belong to would not be in it.
-                raise StoreUnavailableError(f"sqlite database {db} does not exist (moved? see --tracking-uri)")
-            clients[uri] = MlflowClient(uri)
-        return clients[uri]
-
+    client_for = store_clients()
     rows = []
     with _http_limits(2, args.http_timeout):
         for path in spools:
