@@ -262,3 +262,30 @@ def test_isoflop_minima_find_the_planted_optimum():
     table = F.isoflop_minima(pd.DataFrame(rows))
     assert len(table) == 2 and set(table["method"]) == {"parabola"}
     np.testing.assert_allclose(table["N_opt"], 1e8, rtol=1e-6)
+
+
+def test_batched_lbfgs_solves_many_rosenbrock_starts_at_once():
+    """analysis.lbfgs on its own: 200 starts of the 4-d Rosenbrock function, each to the minimum at (1, 1, 1, 1)."""
+    from analysis.lbfgs import batched_lbfgs, distinct_best, scipy_lbfgs
+
+    calls = []
+
+    def fg(x, index):
+        calls.append(len(index))
+        a, b = x[:, :-1], x[:, 1:]
+        f = (100 * (b - a**2) ** 2 + (1 - a) ** 2).sum(1)
+        g = np.zeros_like(x)
+        g[:, :-1] += -400 * a * (b - a**2) - 2 * (1 - a)
+        g[:, 1:] += 200 * (b - a**2)
+        return f, g
+
+    x0 = np.random.default_rng(0).uniform(-2, 2, (200, 4))
+    x, f, iters = batched_lbfgs(fg, x0, max_iter=2000)
+    # Rosenbrock in 4-d has a second local minimum near (-0.78, 0.61, 0.38, 0.14); every start ends in one of them.
+    at_global = np.abs(x - 1).max(1) < 1e-4
+    assert at_global.mean() > 0.7 and np.all(f[at_global] < 1e-8)
+    assert max(calls) == 200 and iters.max() < 2000  # one call for all the starts; all of them stopped
+    best = distinct_best(x, f, 2)
+    assert np.abs(x[best[0]] - 1).max() < 1e-4
+    polished = scipy_lbfgs(lambda t: tuple(v[0] for v in fg(t[None], np.arange(1))), x[best[0]])
+    assert polished.fun < 1e-12
