@@ -4,7 +4,8 @@ On the GPU ladder (2026-12-03, commit 4ed405d) every run resumed after a SIGTERM
 "one of the variables needed for gradient computation has been modified by an inplace operation: [B, 130, C] bf16,
 output 0 of CopyBackwards", while every fresh run of the same code trained. The resumed process differs from a fresh
 one in that torch.compile's on-disk caches (FX graph and AOTAutograd) already hold its graphs. Prediction: the warm
-AOTAutograd cache is the cause, so run 2 fails, and run 3 (TORCHINDUCTOR_AUTOGRAD_CACHE=0) trains.
+AOTAutograd cache is the cause, so run 2 fails, and run 3 (TORCHINDUCTOR_AUTOGRAD_CACHE=0) trains. The other
+difference, the RNG states a resumed run restores before its first batch, is run 4 (cold cache, RNG state set).
 
 Each run is a new process: the ladder's depth-4 shapes (batch 256, 130 tokens, width 256), bf16 autocast, blocks
 compiled as `trainer.compile: true` does, two validation batches (eval, no_grad) as Lightning's sanity check, then
@@ -50,6 +51,9 @@ def child(depth: int) -> None:
         for _ in range(2):
             labels, x, _ = batch()
             var(labels, x)
+    if os.environ.get("RC_SET_RNG") == "1":  # what a resumed run's on_train_start does (restore_rng_states)
+        torch.set_rng_state(torch.get_rng_state())
+        torch.cuda.set_rng_state_all(torch.cuda.get_rng_state_all())
     var.train()
     losses = []
     for _ in range(3):
@@ -77,7 +81,7 @@ def main() -> int:
         ("1 cold cache", {}),
         ("2 warm cache", {}),
         ("3 warm, TORCHINDUCTOR_AUTOGRAD_CACHE=0", {"TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}),
-        ("4 warm, autograd+fx cache off", {"TORCHINDUCTOR_AUTOGRAD_CACHE": "0", "TORCHINDUCTOR_FX_GRAPH_CACHE": "0"}),
+        ("4 cold cache (new dir), RNG state set", {"RC_SET_RNG": "1", "TORCHINDUCTOR_CACHE_DIR": cache + "_b"}),
     ]
     rows = []
     for name, extra in runs:
