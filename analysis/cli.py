@@ -157,7 +157,7 @@ def log_report(study, out_dir: Path) -> str:
     from mlflow.tracking import MlflowClient
 
     from var_lab.contract import TAG_KIND, TAG_SWEEP
-    from var_lab.tracking import SPOOL_FILENAME, deliver_or_spool
+    from var_lab.tracking.spool import SPOOL_FILENAME, deliver_or_spool
 
     client = MlflowClient(tracking_uri=study.tracking_uri)
     experiment = client.get_experiment_by_name(study.experiments[0])

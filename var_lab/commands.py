@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tokenize": ("var_lab.data.tokenize:tokenize_main", "encode a dataset once into token shards"),
     "sample": ("var_lab.sampling_cli:sample_main", "sample a PNG grid and folder from a checkpoint"),
     "eval": ("var_lab.evaluate:eval_main", "sample and compute FID/KID/IS/precision/recall, log to MLflow"),
+    "export": ("var_lab.export:export_main", "write a checkpoint in the released format, with a model card"),
     "fid-weights": ("var_lab.metrics.fid_weights:fid_weights_main", "install the FID Inception weights offline"),
     "reference-stats": ("var_lab.evaluate:reference_stats_main", "compute and cache FID reference statistics"),
     "sweep": ("var_lab.sweeps.cli:sweep_main", "expand | launch | status | resume | cancel a sweep file"),
