@@ -7,9 +7,11 @@ import sys
 import warnings
 from pathlib import Path
 
+from var_lab.inputs import ArgumentParser
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="var-lab analyze",
         description=(
             "Fit power laws to a scaling study tracked in MLflow and write plots (PNG + SVG), CSVs and report.md. "

@@ -101,6 +101,26 @@ def test_option_names_are_checked_but_abbreviations_still_work(capsys):
     assert capsys.readouterr().err == expected
 
 
+def test_one_flag_style_hyphen_or_underscore_means_the_same_option(tmp_path):
+    """Command options are spelt with hyphens and config keys as in YAML; the other separator is an alias."""
+    from var_lab.config import FitConfig
+    from var_lab.data.tokenize import build_parser as tokenize_parser
+    from var_lab.inputs import respell_options
+    from var_lab.sweeps.cli import build_parser as sweep_parser
+    from var_lab.train import parse_config
+
+    cfg = parse_config(FitConfig, ["--data.batch-size", "3", "--trainer.max_steps=5"], "var-lab fit", "")
+    assert (cfg.data.batch_size, cfg.trainer.max_steps) == (3, 5)
+    for spelling in ("--tokenizer_ckpt", "--tokenizer-ckpt"):
+        args = tokenize_parser().parse_args([spelling, "t.ckpt", "--out", str(tmp_path)])
+        assert args.tokenizer_ckpt == "t.ckpt"
+    args = sweep_parser().parse_args(["status", "s.yaml", "--output_root", "/x"])
+    assert args.output_root == "/x"
+    # Nothing else changes: known names, values, unknown names and what follows "--".
+    argv = ["--a_b", "--data.x-y=1_2", "--zz-top", "--", "--a_b"]
+    assert respell_options(argv, {"--a-b", "--data.x_y"}) == ["--a-b", "--data.x_y=1_2", "--zz-top", "--", "--a_b"]
+
+
 @pytest.mark.parametrize("depth", ["0", "-2"])
 def test_invalid_depth_is_refused_before_anything_is_loaded(tmp_path, capsys, depth):
     assert fit("--config", str(small_config(tmp_path)), "--model.depth", depth) == 2

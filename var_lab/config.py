@@ -708,9 +708,10 @@ def parse_argv(cls: type, argv: list[str], prog: str, description: str) -> Any:
     """
     from jsonargparse import ArgumentError
 
-    from var_lab.inputs import check_option_names
+    from var_lab.inputs import check_option_names, respell_options
 
     parser = config_parser(cls, prog, description)
+    argv = respell_options(argv, parser._option_string_actions)  # --data.batch-size is --data.batch_size
     try:
         check_option_names(parser, argv)
         for index, arg in enumerate(argv):

@@ -480,7 +480,7 @@ def _log_cli_result(args, result: EvalResult, sampling, info: dict, model_params
 
 def reference_stats_main(argv: list[str]) -> int:
     """``var-lab reference-stats``: compute and cache reference statistics once (optionally export an .npz)."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="var-lab reference-stats",
         description="Compute FID reference statistics (mean, covariance, features) once and cache them.",
     )

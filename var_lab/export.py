@@ -13,7 +13,6 @@ the final metrics and the MLflow run they come from.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, Optional
 import torch
 
 from var_lab.contract import COMPUTE_PFLOPS, EVAL_FID, VAL_LOSS, VAL_LOSS_TAIL
-from var_lab.inputs import BadInputError
+from var_lab.inputs import ArgumentParser, BadInputError
 from var_lab.models.checkpoints import load_var_checkpoint
 
 #: metrics shown on the card, in this order, when the run logged them
@@ -149,7 +148,7 @@ def model_card(exported: dict[str, Any]) -> str:
 
 def export_main(argv: list[str]) -> int:
     """``var-lab export CKPT --out var_dN.pth``: the released format, the tokenizer next to it, a model card."""
-    parser = argparse.ArgumentParser(prog="var-lab export", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="var-lab export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a var-lab fit checkpoint (.ckpt)")
     parser.add_argument("--out", help="the transformer's .pth (default: var_d<depth>.pth next to the checkpoint)")
     parser.add_argument("--tokenizer-out", help="the tokenizer's .pth (default: vae.pth next to --out)")

@@ -165,11 +165,40 @@ def positive_int(text: str) -> int:
     return value
 
 
+def respell_options(argv: list[str], known: Iterable[str]) -> list[str]:
+    """The one flag style: ``--tokenizer_ckpt`` means ``--tokenizer-ckpt`` and ``--data.batch-size`` means
+    ``--data.batch_size``, whichever of the two spellings the parser knows.
+
+    Command options are spelt with hyphens (``--tokenizer-ckpt``, ``--output-root``); config keys keep their YAML
+    names (``--data.batch_size``). Either separator is accepted for both, so a user never has to remember which
+    command is which. Only a name the parser does not know is respelt, and only to a name it knows.
+    """
+    known = set(known)
+    out = []
+    for index, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[index:]
+        if arg.startswith("--") and len(arg) > 2:
+            name, sep, value = arg.partition("=")
+            if name not in known:
+                for other in ("--" + name[2:].replace("_", "-"), "--" + name[2:].replace("-", "_")):
+                    if other in known:
+                        arg = other + sep + value
+                        break
+        out.append(arg)
+    return out
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors are one line (the error and ``--help``), not the usage first."""
+    """``argparse.ArgumentParser`` whose errors are one line (the error and ``--help``), not the usage first, and
+    that takes ``--a_b`` for ``--a-b`` (:func:`respell_options`)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: D102 - argparse's own
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(respell_options(args, self._option_string_actions), namespace)
 
 
 def nearest(name: str, choices: Iterable[str]) -> Optional[str]:

@@ -20,7 +20,6 @@ Inception Score from it yields NaN rather than a plausible-looking number. :func
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.metadata
 import json
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from var_lab.inputs import ArgumentParser
 
 #: File name torch-fidelity and torchmetrics look for in ``$TORCH_HOME/hub/checkpoints``.
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -428,7 +429,7 @@ def _already_installed(out: Path, source: Path) -> Optional[dict]:
 
 def fid_weights_main(argv: list[str]) -> int:
     """``var-lab fid-weights``: install the FID Inception weights without a download."""
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="var-lab fid-weights",
         description=(
             "Install the FID Inception-v3 weights (TensorFlow 2015-12-05 graph) where torch-fidelity and torchmetrics "

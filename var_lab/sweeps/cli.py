@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Optional
 
+from var_lab.inputs import ArgumentParser
 from var_lab.sweeps.schema import SweepError
 
 USAGE = """\
@@ -62,7 +63,7 @@ def _launch_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="var-lab sweep",
         description="Expand, launch and follow sweeps of VAR (or tokenizer) runs.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

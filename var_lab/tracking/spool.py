@@ -12,7 +12,6 @@ after a crash therefore never duplicates a point.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -31,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 from var_lab.atomic import write_atomic
+from var_lab.inputs import ArgumentParser
 from var_lab.tracking.store import (
     StoreUnavailableError,
     _call,
@@ -496,7 +496,7 @@ def sync_main(argv: list[str]) -> int:
         0 when everything was delivered (or there was nothing to deliver), 1 when records remain or were refused,
         2 for bad arguments.
     """
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="var-lab sync",
         description=(
             f"Deliver the metrics, params, statuses and artifacts that runs kept in {SPOOL_FILENAME} while the MLflow "
