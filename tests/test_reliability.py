@@ -42,6 +42,7 @@ def tiny_run_config(output_dir: Path, tracking_uri: str, experiment: str) -> dic
         "trainer": {
             "accelerator": "cpu", "devices": 1, "max_epochs": EPOCHS, "log_every_n_steps": 1, "deterministic": True,
             "enable_progress_bar": False, "checkpoint_every_n_steps": 1, "val_check_interval": 4,
+            "text_progress_every_n_steps": 4,
         },
         "tracking": {"tracking_uri": tracking_uri, "experiment": experiment, "sample_grid_every_n_val": 0},
     }  # fmt: skip
@@ -168,6 +169,15 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, fashion_m
     assert reference.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     log = log_path.read_text()
     assert log.count("resuming from") == len(plan)
+    # The log is not a terminal: text lines in place of a bar, one every 4 steps, and the run's address.
+    reference_id = (reference_dir / "mlflow_run_id").read_text().strip()
+    reference_log = (tmp_path / "reference.log").read_text()
+    lines = [x for x in reference_log.splitlines() if x.startswith("var-lab fit: step ")]
+    assert [x.split()[3] for x in lines] == [f"{s}/{TOTAL_STEPS}" for s in (4, 8, 12, 16)], lines
+    assert all(" loss " in x and " img/s " in x and " ETA " in x for x in lines), lines
+    assert "val/L_mean" in lines[1]  # validated at step 4
+    assert f"var-lab fit: MLflow run {reference_id} (training starts): `mlflow ui --backend-store-uri" in reference_log
+    assert f"var-lab fit: MLflow run {reference_id} (training ended)" in reference_log
 
     # Same weights, optimiser state and step as the uninterrupted run: exactly (deterministic CPU, one thread).
     ours, theirs = load_checkpoint(ckpt_dir / "last.ckpt"), load_checkpoint(reference_dir / "checkpoints" / "last.ckpt")
@@ -185,7 +195,6 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, fashion_m
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]
     assert runs[0].info.status == "FINISHED"
-    reference_id = (reference_dir / "mlflow_run_id").read_text().strip()
     for key in ("train/loss", "opt/lr", "opt/grad_norm", "compute/flops"):
         history = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in history) == list(range(TOTAL_STEPS)), key

@@ -210,6 +210,12 @@ def test_local_launch_idempotent_failed_marked_and_resume_retries_only_failed(tm
     runs = mlflow_runs(uri, "tiny")
     finished = [r for r in runs if r.data.tags.get("var_lab.point") == "depth=1"]
     assert len(finished) == 1 and finished[0].data.tags["var_lab.sweep"] == "tiny"
+    run = finished[0].info
+    assert f"(serve them with `mlflow ui --backend-store-uri {uri}`)" in table
+    assert f"http://127.0.0.1:5000/#/experiments/{run.experiment_id}/runs/{run.run_id}" in table
+    # its log is no terminal: the run's address and text progress, not a bar
+    (log,) = (d1 / "logs").glob("run-*.log")
+    assert f"var-lab fit: MLflow run {run.run_id} (training starts)" in log.read_text()
 
     # launching again: the finished run is skipped, the failed run left alone (resume retries it)
     second = var_lab("sweep", "launch", str(path))

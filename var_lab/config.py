@@ -323,7 +323,10 @@ class TrainerConfig(Section):
     deterministic: bool = False
     """Deterministic algorithms (for bit-exact resume tests)."""
     enable_progress_bar: bool = True
-    """Show Lightning's progress bar."""
+    """Show Lightning's progress bar (only where stdout is a terminal; elsewhere see text_progress_every_n_steps)."""
+    text_progress_every_n_steps: int = 50
+    """Where stdout is not a terminal (SLURM and sweep logs), one text line every N optimiser steps in place of the
+    bar: step, loss, images/s, ETA; plus the MLflow run's address when training starts and ends. 0: no lines."""
     compile: bool = False
     """torch.compile the transformer blocks."""
     checkpoint_every_n_steps: Optional[int] = None
@@ -352,6 +355,7 @@ class TrainerConfig(Section):
         at_least(self, "accumulate_grad_batches", 1)
         at_least(self, "checkpoint_every_n_steps", 1)
         at_least(self, "keep_checkpoints", 0)
+        at_least(self, "text_progress_every_n_steps", 0)
 
 
 @dataclass

@@ -60,12 +60,17 @@ def resolve_precision(trainer_cfg: TrainerConfig) -> str:
     return "bf16-mixed" if wants_gpu else "32-true"
 
 
-def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks: list):
-    """A Lightning Trainer from the config, with checkpoints in ``output_dir/checkpoints``."""
+def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks: list, command: str = "var-lab fit"):
+    """A Lightning Trainer from the config, with checkpoints in ``output_dir/checkpoints``.
+
+    Where stdout is not a terminal (a SLURM or sweep log), the progress bar gives way to a text line every
+    ``trainer.text_progress_every_n_steps`` steps (:class:`var_lab.callbacks.progress.TextProgress`).
+    """
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from var_lab.callbacks.final_validation import FinalValidation
+    from var_lab.callbacks.progress import TextProgress
     from var_lab.resilience import AtomicCheckpointIO, StepCheckpoint
 
     ckpt_dir = output_dir / "checkpoints"
@@ -97,6 +102,9 @@ def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks
                 enable_version_counter=False,
             )
         )
+    terminal = sys.stdout.isatty()
+    if not terminal and trainer_cfg.text_progress_every_n_steps:
+        callbacks = [*callbacks, TextProgress(trainer_cfg.text_progress_every_n_steps, prefix=command)]
     kwargs: dict[str, Any] = dict(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
@@ -109,7 +117,7 @@ def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks
         log_every_n_steps=trainer_cfg.log_every_n_steps,
         accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
         deterministic=trainer_cfg.deterministic,
-        enable_progress_bar=trainer_cfg.enable_progress_bar,
+        enable_progress_bar=trainer_cfg.enable_progress_bar and terminal,
         logger=logger if logger is not None else False,
         callbacks=checkpointing + [FinalValidation(), *callbacks],
         default_root_dir=str(output_dir),
@@ -372,7 +380,7 @@ def fit_tokenizer(cfg: FitTokenizerConfig) -> dict[str, Any]:
         cfg.tracking.run_name = f"tokenizer-v{cfg.tokenizer.vocab_size}"
     logger = make_logger(cfg.tracking, output_dir, tags)
     preemption = PreemptionCallback(output_dir / "checkpoints")
-    trainer = make_trainer(cfg.trainer, output_dir, logger, [preemption])
+    trainer = make_trainer(cfg.trainer, output_dir, logger, [preemption], command="var-lab fit-tokenizer")
     _fit_until_done_or_preempted(trainer, module, datamodule, ckpt_path, preemption, logger, output_dir / "checkpoints")
     if trainer.interrupted:
         raise RuntimeError("training was interrupted before the end (a checkpoint was kept for resuming)")

@@ -167,7 +167,11 @@ def _mlflow_runs(plan: Plan) -> dict[str, Any]:
 
 def _metrics_of(run: Any) -> dict[str, Any]:
     """Latest value and step of the status metrics of an MLflow run."""
-    out: dict[str, Any] = {"mlflow_run_id": run.info.run_id, "mlflow_status": run.info.status}
+    out: dict[str, Any] = {
+        "mlflow_run_id": run.info.run_id,
+        "mlflow_experiment_id": run.info.experiment_id,
+        "mlflow_status": run.info.status,
+    }
     latest: dict[str, tuple[int, float]] = {}
     for metric in getattr(run.data, "_metric_objs", []):
         previous = latest.get(metric.key)
@@ -272,6 +276,16 @@ def format_status(rows: list[dict], plan: Plan) -> str:
             counts[row["state"]] = counts.get(row["state"], 0) + 1
     lines.append("")
     lines.append("runs: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    tracked = [r for r in rows if r["stage"] != "eval" and r.get("mlflow_run_id")]
+    if tracked:
+        from var_lab.tracking import mlflow_ui, run_page
+
+        _, command = mlflow_ui(plan.tracking_uri)
+        lines += ["", "MLflow runs" + (f" (serve them with `{command}`):" if command else ":")]
+        width = max(len(r["task"]) for r in tracked)
+        for row in tracked:
+            page = run_page(plan.tracking_uri, row.get("mlflow_experiment_id"), row["mlflow_run_id"])
+            lines.append(f"  {row['task'].ljust(width)}  {page}")
     failed = [r for r in rows if r["state"] == "failed"]
     if failed:
         lines.append("")

@@ -260,6 +260,26 @@ def get_or_create_experiment(uri: str, name: str, artifact_root: Optional[Union[
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def mlflow_ui(uri: str) -> tuple[str, Optional[str]]:
+    """(the base address of the MLflow UI for a store, the command that serves it, or None for a tracking server)."""
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/"), None
+    return "http://127.0.0.1:5000", f"mlflow ui --backend-store-uri {uri}"
+
+
+def run_page(uri: str, experiment_id: Optional[str], run_id: str) -> str:
+    """The address of a run's page in the MLflow UI (see :func:`mlflow_ui` for a database store)."""
+    base, _ = mlflow_ui(uri)
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if experiment_id else f"{base}/#/runs/{run_id}"
+
+
+def run_address(uri: str, experiment_id: Optional[str], run_id: str) -> str:
+    """Where a person looks at a run: its page on a tracking server, or the ``mlflow ui`` command and the page."""
+    _, command = mlflow_ui(uri)
+    page = run_page(uri, experiment_id, run_id)
+    return page if command is None else f"`{command}`, then {page}"
+
+
 def read_run_id(path: Union[str, Path]) -> Optional[str]:
     """The MLflow run id stored in ``path``, or None when the file does not exist.
 
