@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -178,6 +179,13 @@ def test_fit_learns_logs_the_contract_and_resumes_into_the_same_run(tmp_path, fa
         assert value == pytest.approx((step + 1) * global_batch * per_image, rel=1e-6)
     artifacts = [a.path for a in client.list_artifacts(run_id, "samples")]
     assert any(p.endswith(".png") for p in artifacts)
+    # the resolved config and the commit, as MLflow users expect them
+    assert "config.yaml" in [a.path for a in client.list_artifacts(run_id)]
+    stored = Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path / "dl"))).read_text()
+    assert stored == (tmp_path / "runs" / "d2" / "config.yaml").read_text()
+    from var_lab.provenance import git_commit
+
+    assert run.data.tags["mlflow.source.git.commit"] == git_commit() == run.data.params["git.commit"]
     # resume: more steps, same MLflow run, no duplicated steps
     cfg2 = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=16))
     summary2 = fit(cfg2)

@@ -18,6 +18,8 @@ TAG_DEPTH = "var_lab.depth"
 """The model depth of a VAR run (also the param ``model.depth``)."""
 TAG_SOURCE = "var_lab.source"
 """``release`` for an evaluation of a released checkpoint."""
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+"""MLflow's own tag for the code's commit (also the param ``git.commit``), set on every training run."""
 KINDS = ("tokenizer", "var", "eval", "analysis")
 """Values of ``var_lab.kind``: a tokenizer or VAR training run, an evaluation of a released model, a report."""
 

@@ -145,8 +145,13 @@ def make_logger(tracking_cfg, output_dir: Path, tags: dict[str, str]):
 
         warnings.warn("tracking_uri=none: MLflow is off, metrics go to CSV files in the run folder", stacklevel=2)
         return CSVLogger(str(output_dir), name="csv")
+    from var_lab.contract import TAG_GIT_COMMIT
+    from var_lab.provenance import git_commit
     from var_lab.tracking import make_mlflow_logger
 
+    commit = git_commit()
+    if commit != "unknown":  # MLflow's own tag: the UI shows the commit with the run
+        tags = {**tags, TAG_GIT_COMMIT: commit}
     return make_mlflow_logger(tracking_cfg, output_dir, tags=tags)
 
 

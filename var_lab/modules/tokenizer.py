@@ -26,6 +26,7 @@ from torch import nn
 from var_lab.config import FitTokenizerConfig, from_dict, to_dict
 from var_lab.models.checkpoints import load_tokenizer, load_tokenizer_checkpoint  # noqa: F401 - re-exported
 from var_lab.models.vqvae import VQVAE
+from var_lab.modules.run_files import log_run_config
 from var_lab.modules.schedules import release_lr_ratio
 from var_lab.resilience import restore_rng_states, rng_states
 
@@ -110,6 +111,7 @@ class TokenizerModule(L.LightningModule):
                 "git.commit": git_commit(),
             }
             self.logger.log_hyperparams(params)
+        log_run_config(self)
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(

@@ -20,6 +20,7 @@ from var_lab.data.tokens import split_scales
 from var_lab.models.checkpoints import load_tokenizer, load_var_checkpoint  # noqa: F401 - re-exported
 from var_lab.models.var import VAR, loss_per_token
 from var_lab.models.vqvae import VQVAE
+from var_lab.modules.run_files import log_run_config
 from var_lab.modules.schedules import NO_WEIGHT_DECAY, release_lr_ratio, release_weight_decay
 from var_lab.resilience import FAULT_NAN_AT_STEP_ENV, find_resume_checkpoint, restore_rng_states, rng_states
 
@@ -127,6 +128,7 @@ class VARModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.logger is not None and self.global_rank == 0:
             self.logger.log_hyperparams(self.mlflow_params())
+        log_run_config(self)
 
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         """``LightningModule.log``, also remembering what a training step logs (see ``on_save_checkpoint``)."""
