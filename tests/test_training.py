@@ -159,6 +159,7 @@ def test_fit_learns_logs_the_contract_and_resumes_into_the_same_run(tmp_path, fa
 
     cfg = tiny_fit_config(tmp_path, val_check_interval=4, max_steps=12)
     cfg.trainer.max_epochs = 3
+    cfg.tracking.system_metrics_every_n_steps = 4
     summary = fit(dataclasses.replace(cfg))
     run_id = summary["mlflow_run_id"]
     client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
@@ -186,6 +187,10 @@ def test_fit_learns_logs_the_contract_and_resumes_into_the_same_run(tmp_path, fa
     from var_lab.provenance import git_commit
 
     assert run.data.tags["mlflow.source.git.commit"] == git_commit() == run.data.params["git.commit"]
+    # MLflow's system metrics, through the run's logger, at the steps they were sampled
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [3, 7, 11], key
+    assert 0 < client.get_metric_history(run_id, "system/system_memory_usage_megabytes")[0].value < 1e7
     # resume: more steps, same MLflow run, no duplicated steps
     cfg2 = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, max_steps=16))
     summary2 = fit(cfg2)

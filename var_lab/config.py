@@ -374,9 +374,13 @@ class TrackingConfig(Section):
     """Stable key of the sweep point (e.g. depth=16), logged as the var_lab.point tag."""
     sample_grid_every_n_val: int = 1
     """Log a sample grid PNG every N validations (0 disables)."""
+    system_metrics_every_n_steps: int = 50
+    """Log MLflow's system metrics (system/cpu_utilization_percentage, memory, disk, network; GPU with pynvml) every
+    N optimiser steps, through the run's logger; 0: off."""
 
     def check(self) -> None:
         at_least(self, "sample_grid_every_n_val", 0)
+        at_least(self, "system_metrics_every_n_steps", 0)
 
 
 @dataclass

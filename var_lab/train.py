@@ -155,6 +155,17 @@ def make_logger(tracking_cfg, output_dir: Path, tags: dict[str, str]):
     return make_mlflow_logger(tracking_cfg, output_dir, tags=tags)
 
 
+def tracking_callbacks(tracking_cfg, logger) -> list:
+    """Callbacks that log to the run's MLflow logger: system metrics (``tracking.system_metrics_every_n_steps``)."""
+    from var_lab.tracking import ResilientMLFlowLogger
+
+    if not isinstance(logger, ResilientMLFlowLogger) or not tracking_cfg.system_metrics_every_n_steps:
+        return []
+    from var_lab.callbacks.system_metrics import SystemMetrics
+
+    return [SystemMetrics(tracking_cfg.system_metrics_every_n_steps)]
+
+
 #: config keys a checkpoint's weights depend on: resuming with another value cannot load it
 FIT_ARCHITECTURE_KEYS = {
     "model": ("depth", "num_classes", "mlp_ratio", "shared_aln", "attn_l2_norm"),
@@ -325,7 +336,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     if cfg.tracking.run_name is None:
         cfg.tracking.run_name = f"var-d{cfg.model.depth}"
     logger = make_logger(cfg.tracking, output_dir, tags)
-    callbacks = []
+    callbacks = tracking_callbacks(cfg.tracking, logger)
     if cfg.eval.every_n_epochs > 0:
         from var_lab.callbacks.fid import FIDCallback
 
@@ -385,7 +396,8 @@ def fit_tokenizer(cfg: FitTokenizerConfig) -> dict[str, Any]:
         cfg.tracking.run_name = f"tokenizer-v{cfg.tokenizer.vocab_size}"
     logger = make_logger(cfg.tracking, output_dir, tags)
     preemption = PreemptionCallback(output_dir / "checkpoints")
-    trainer = make_trainer(cfg.trainer, output_dir, logger, [preemption], command="var-lab fit-tokenizer")
+    callbacks = [*tracking_callbacks(cfg.tracking, logger), preemption]
+    trainer = make_trainer(cfg.trainer, output_dir, logger, callbacks, command="var-lab fit-tokenizer")
     _fit_until_done_or_preempted(trainer, module, datamodule, ckpt_path, preemption, logger, output_dir / "checkpoints")
     if trainer.interrupted:
         raise RuntimeError("training was interrupted before the end (a checkpoint was kept for resuming)")
