@@ -254,6 +254,15 @@ def test_keep_checkpoints_holds_after_a_kill_before_the_first_last_checkpoint(tm
     assert sorted(p.name for p in ckpt_dir.glob("step*.ckpt")) == ["step00000004.ckpt"]
 
 
+def test_epoch_checkpoints_keep_only_the_newest(tmp_path, fashion_mnist_dir):
+    """keep_checkpoints holds for epoch checkpoints too (at depth 10 each one is over a gigabyte)."""
+    config = tiny_run_config(tmp_path / "run", "none", "epochs")
+    config["trainer"].update(max_epochs=3, val_check_interval=None, checkpoint_every_n_steps=None, keep_checkpoints=2)
+    assert cli_main(["fit", "--config", str(write_config(tmp_path / "run.yaml", config))]) == 0
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.ckpt"))
+    assert names == ["epoch001.ckpt", "epoch002.ckpt", "last.ckpt"]
+
+
 def test_epoch_is_logged_once_per_step(tmp_path, fashion_mnist_dir):
     """Lightning adds `epoch` to every batch of metrics it logs, and a step that validates logs two batches."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -332,7 +332,8 @@ class TrainerConfig(Section):
     checkpoint_every_n_steps: Optional[int] = None
     """Also write a checkpoint every N optimiser steps (None: only at the end of each epoch)."""
     keep_checkpoints: int = 2
-    """Step checkpoints kept besides last.ckpt (older good ones are the fallback for a corrupt last.ckpt)."""
+    """Step checkpoints, and epoch checkpoints, kept besides last.ckpt: the newest N of each (older good ones are the
+    fallback for a corrupt last.ckpt)."""
     activation_checkpointing: bool = False
     """Recompute block activations in the backward pass (large depths)."""
 

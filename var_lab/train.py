@@ -79,11 +79,13 @@ def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks
     # owners would version it (last-v1.ckpt). Names are overwritten, never versioned: a resumed run that redoes a
     # step rewrites its checkpoint (atomically, see AtomicCheckpointIO).
     checkpointing = [
-        ModelCheckpoint(
+        ModelCheckpoint(  # the newest keep_checkpoints epoch checkpoints (a d10 one is ~1.4 GB with its optimiser)
             dirpath=ckpt_dir,
             filename="epoch{epoch:03d}",
             save_last=not step_checkpoints,
-            save_top_k=-1,
+            save_top_k=trainer_cfg.keep_checkpoints,
+            monitor="epoch",
+            mode="max",
             auto_insert_metric_name=False,
             enable_version_counter=False,
         )
