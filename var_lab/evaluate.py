@@ -355,6 +355,10 @@ def eval_main(argv: list[str]) -> int:
     device, started = _init_distributed(args.device)
     rank, world = distributed_context()
     try:
+        from var_lab.models.checkpoints import check_model_paths
+
+        # The model files first: a mistyped path is the cheaper fix, and is reported even without FID weights.
+        check_model_paths(args.checkpoint, args.release_var, args.release_tokenizer)
         metrics = _parse_metrics(args.metrics)
         info_w = weights_info(args.weights)  # fails early, naming the command that installs the weights
         skipped: dict[str, str] = {}
