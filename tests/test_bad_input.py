@@ -101,7 +101,7 @@ def test_option_names_are_checked_but_abbreviations_still_work(capsys):
     assert capsys.readouterr().err == expected
 
 
-def test_one_flag_style_hyphen_or_underscore_means_the_same_option(tmp_path):
+def test_one_flag_style_hyphen_or_underscore_means_the_same_option(tmp_path, capsys):
     """Command options are spelt with hyphens and config keys as in YAML; the other separator is an alias."""
     from var_lab.config import FitConfig
     from var_lab.data.tokenize import build_parser as tokenize_parser
@@ -117,6 +117,16 @@ def test_one_flag_style_hyphen_or_underscore_means_the_same_option(tmp_path):
     args = sweep_parser().parse_args(["status", "s.yaml", "--output_root", "/x"])
     assert args.output_root == "/x"
     # Nothing else changes: known names, values, unknown names and what follows "--".
+    # tokenize: a value of the wrong type or a missing option is one line, not the usage first
+    from var_lab.data.tokenize import tokenize_main
+
+    capsys.readouterr()
+    assert tokenize_main(["--tokenizer-ckpt", "t", "--out", str(tmp_path / "o"), "--data.batch-size", "abc"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "data.batch_size" in err and "abc" in err, err
+    assert tokenize_main(["--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tokenizer" in err, err
     argv = ["--a_b", "--data.x-y=1_2", "--zz-top", "--", "--a_b"]
     assert respell_options(argv, {"--a-b", "--data.x_y"}) == ["--a-b", "--data.x_y=1_2", "--zz-top", "--", "--a_b"]
 

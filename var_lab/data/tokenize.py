@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from var_lab.atomic import write_atomic
-from var_lab.config import DataConfig, TokenizerModelConfig, from_namespace
+from var_lab.config import DataConfig, TokenizerModelConfig, from_namespace, type_error
 from var_lab.data.folders import build_image_dataset, find_classes, fixed_subset
 from var_lab.data.tokens import (
     CACHE_FORMAT,
@@ -62,6 +62,7 @@ from var_lab.inputs import (
     check_option_names,
     check_output_dir,
     checkpoint_load_errors,
+    respell_options,
 )
 from var_lab.ranks import barrier, init_from_env, process_group
 
@@ -376,6 +377,7 @@ def build_parser():
 
     parser = ArgumentParser(
         prog="var-lab tokenize",
+        exit_on_error=False,  # a wrong value is one line (tokenize_main), not the whole usage first
         description="Encode a dataset once with a frozen tokenizer into token shards (resumable; under torchrun "
         "each rank encodes a share). Images are center-cropped: the release's per-step random crop is traded away "
         "unless --augment-copies K > 1.",
@@ -429,13 +431,20 @@ def _load_tokenizer(path: str, model_config: TokenizerModelConfig) -> nn.Module:
 
 def tokenize_main(argv: list[str]) -> int:
     """Entry point of ``var-lab tokenize``; returns the exit code."""
+    from jsonargparse import ArgumentError
+
     parser = build_parser()
+    argv = respell_options(argv, parser._option_string_actions)  # --data.batch-size is --data.batch_size
     try:
         check_option_names(parser, argv)  # a typo gets one line with the nearest option, not the whole usage first
+        try:
+            args = parser.parse_args(argv)
+        except ArgumentError as err:  # a value of the wrong type, a missing required option
+            raise type_error(err) from None
     except BadInputError as err:
-        print(f"var-lab tokenize: error: {err}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"var-lab tokenize: error: {message} (var-lab tokenize --help lists every option)", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
     try:  # the sections' value checks, as for `var-lab fit` (var_lab.config)
         data_config = from_namespace(DataConfig, args.data, "data.")
         model_config = from_namespace(TokenizerModelConfig, args.tokenizer, "tokenizer.")
