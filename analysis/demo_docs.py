@@ -38,7 +38,13 @@ def _col(frame: pd.DataFrame, *names: str):
     return next((n for n in names if n in frame.columns), None)
 
 
-def _commit() -> str:
+def _commit(runs: pd.DataFrame | None = None) -> str:
+    """The commit the study's runs logged (``git.commit``), else this checkout's HEAD."""
+    column = None if runs is None else _col(runs, "git_commit", "git.commit")
+    if column is not None:
+        commits = {str(c)[:7] for c in runs[column].dropna() if str(c) and str(c) != "unknown"}
+        if len(commits) == 1:
+            return commits.pop()
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         return out.stdout.strip()
@@ -83,6 +89,7 @@ def summarize(study: Path) -> dict:
         "tokenizer": _tokenizer_facts(study),
         "r": float(law.iloc[0]["r"]) if len(law) and pd.notna(law.iloc[0].get("r")) else None,
         "wall_s": int(wall.read_text().strip()) if wall.exists() else None,
+        "commit": _commit(var),
         "figure": report / "plots" / "loss_vs_params.png",
     }
 
@@ -131,7 +138,7 @@ def results_markdown(summary: dict) -> str:
         f"- KID decreasing with size: {'yes' if decreasing else 'no'}; smallest gap between neighbouring sizes "
         f"{_fmt(min(gaps), 2) if gaps else '-'}, largest KID subset std {_fmt(max(stds), 2) if stds else '-'}.",
         f"- Study wall time (tokenizer, tokens, 4 trainings, 4 evaluations, analysis): {wall} on "
-        f"{platform.machine()} with {_cpu_count()} CPU cores; commit {_commit()}.",
+        f"{platform.machine()} with {_cpu_count()} CPU cores; commit {summary.get('commit') or _commit()}.",
     ]
     if summary.get("tokenizer"):
         facts.insert(0, summary["tokenizer"])
