@@ -28,13 +28,16 @@ from var_lab.models.checkpoints import load_var_checkpoint
 CARD_METRICS = (VAL_LOSS, VAL_LOSS_TAIL, "val/acc_mean", "train/loss", COMPUTE_PFLOPS, EVAL_FID, "eval/kid")
 
 
-def export_checkpoint(checkpoint: Path, out: Path, tokenizer_out: Optional[Path] = None) -> dict[str, Any]:
+def export_checkpoint(
+    checkpoint: Path, out: Path, tokenizer_out: Optional[Path] = None, meta: Optional[dict] = None
+) -> dict[str, Any]:
     """Write the transformer and the tokenizer of ``checkpoint`` as released-format state dicts.
 
     Args:
         checkpoint: a ``.ckpt`` of ``var-lab fit``.
         out: the transformer's ``.pth``.
         tokenizer_out: the tokenizer's ``.pth`` (default: ``vae.pth`` next to ``out``).
+        meta: the checkpoint's ``var_lab`` entry when the caller has already read the file (read here otherwise).
 
     Returns:
         What the model card needs: the models, the checkpoint's info, the file paths.
@@ -45,7 +48,8 @@ def export_checkpoint(checkpoint: Path, out: Path, tokenizer_out: Optional[Path]
     # Plain tensors on the CPU, contiguous and detached, as the release stores them.
     torch.save({k: v.detach().cpu().contiguous() for k, v in var.state_dict().items()}, out)
     torch.save({k: v.detach().cpu().contiguous() for k, v in vqvae.state_dict().items()}, tokenizer_out)
-    meta = torch.load(checkpoint, map_location="cpu", weights_only=False).get("var_lab", {})
+    if meta is None:
+        meta = torch.load(checkpoint, map_location="cpu", weights_only=False).get("var_lab", {})
     return {"var": var, "vqvae": vqvae, "info": info, "meta": meta, "out": out, "tokenizer_out": tokenizer_out}
 
 
@@ -158,8 +162,10 @@ def export_main(argv: list[str]) -> int:
     if not checkpoint.is_file():
         raise BadInputError(f"checkpoint {checkpoint} does not exist; pass a .ckpt written by `var-lab fit`")
     try:
-        depth = int(torch.load(checkpoint, map_location="cpu", weights_only=False)["hyper_parameters"]["config"]
-                    ["model"]["depth"])  # fmt: skip
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)  # read once: d30 files are gigabytes
+        depth = int(ckpt["hyper_parameters"]["config"]["model"]["depth"])
+        meta = ckpt.get("var_lab", {})
+        del ckpt
     except Exception as error:  # noqa: BLE001 - any unreadable file gets the same one-line answer
         raise BadInputError(
             f"{checkpoint} is not a var-lab fit checkpoint ({type(error).__name__}: {error}); pass a .ckpt written "
@@ -171,7 +177,7 @@ def export_main(argv: list[str]) -> int:
     existing = [str(p) for p in (out, tokenizer_out, card) if p.exists()]
     if existing and not args.force:
         raise BadInputError(f"{', '.join(existing)} already exist; pass --force to overwrite, or another --out")
-    exported = export_checkpoint(checkpoint, out, tokenizer_out)
+    exported = export_checkpoint(checkpoint, out, tokenizer_out, meta)
     card.write_text(model_card(exported))
     print(f"var-lab export: {out} (transformer, depth {depth}), {tokenizer_out} (tokenizer), {card} (model card)")
     return 0
