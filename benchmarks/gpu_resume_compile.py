@@ -6,6 +6,11 @@ output 0 of CopyBackwards", while every fresh run of the same code trained. The 
 one in that torch.compile's on-disk caches (FX graph and AOTAutograd) already hold its graphs. Prediction: the warm
 AOTAutograd cache is the cause, so run 2 fails, and run 3 (TORCHINDUCTOR_AUTOGRAD_CACHE=0) trains. The other
 difference, the RNG states a resumed run restores before its first batch, is run 4 (cold cache, RNG state set).
+Result (H200, torch 2.11): runs 1-4 all train. The third difference: Lightning skips the sanity check when it
+resumes, so the resumed process compiles the training graph first (runs 5-6); a fresh one validates first, under
+inference_mode (run 7). Runs 5-6 train too; run 7 fails ("Inference tensors cannot be saved for backward": the
+block mask cached under inference_mode, now built outside it). The resume failure itself needed the real command:
+benchmarks/gpu_fit_resume.sh reproduced it and found the cause (docs/gpu_ladder.md).
 
 Each run is a new process: the ladder's depth-4 shapes (batch 256, 130 tokens, width 256), bf16 autocast, blocks
 compiled as `trainer.compile: true` does, two validation batches (eval, no_grad) as Lightning's sanity check, then
@@ -46,11 +51,13 @@ def child(depth: int) -> None:
             torch.randint(0, 1024, (B, L), device="cuda"),
         )
 
-    var.eval()
-    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
-        for _ in range(2):
-            labels, x, _ = batch()
-            var(labels, x)
+    if os.environ.get("RC_NO_EVAL") != "1":  # a fresh run's sanity check; Lightning skips it when it resumes
+        var.eval()
+        grad_off = torch.inference_mode() if os.environ.get("RC_INFERENCE") == "1" else torch.no_grad()
+        with grad_off, torch.autocast("cuda", torch.bfloat16):
+            for _ in range(2):
+                labels, x, _ = batch()
+                var(labels, x)
     if os.environ.get("RC_SET_RNG") == "1":  # what a resumed run's on_train_start does (restore_rng_states)
         torch.set_rng_state(torch.get_rng_state())
         torch.cuda.set_rng_state_all(torch.cuda.get_rng_state_all())
@@ -82,7 +89,12 @@ def main() -> int:
         ("2 warm cache", {}),
         ("3 warm, TORCHINDUCTOR_AUTOGRAD_CACHE=0", {"TORCHINDUCTOR_AUTOGRAD_CACHE": "0"}),
         ("4 cold cache (new dir), RNG state set", {"RC_SET_RNG": "1", "TORCHINDUCTOR_CACHE_DIR": cache + "_b"}),
+        ("5 cold, no eval first (as a resume)", {"RC_NO_EVAL": "1", "TORCHINDUCTOR_CACHE_DIR": cache + "_c"}),
+        ("6 warm, no eval first (as a resume)", {"RC_NO_EVAL": "1"}),
+        ("7 cold, eval in inference_mode first", {"RC_INFERENCE": "1", "TORCHINDUCTOR_CACHE_DIR": cache + "_d"}),
     ]
+    if os.environ.get("RC_ONLY_NEW") == "1":
+        runs = runs[:1] + runs[4:]
     rows = []
     for name, extra in runs:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONPATH": str(repo), **extra}

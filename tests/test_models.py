@@ -188,3 +188,53 @@ def test_release_sizes_on_meta_device(shapes_listing):
             state = {k: torch.empty(v) for k, v in shapes_listing[f"var_d{depth}"].items()}
             var.load_state_dict(state, strict=True, assign=True)
             assert var.num_scaling_params()["total"] / 1e6 == pytest.approx(millions, abs=0.01)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_when_dynamo_breaks_the_graph_inside_the_attention(monkeypatch):
+    """Issue 18: resumed compiled GPU runs broke the block's graph between the attention and its AdaLN gate. The gate
+    was an in-place ``mul_``, which then mutated the next graph's input that graph had saved for backward, and the
+    first backward failed ("modified by an inplace operation ... CopyBackwards"). Here a graph break is forced at the
+    same place on the CPU; the compiled blocks must train and give the eager gradients."""
+    from var_lab.models.var_blocks import SelfAttention
+
+    torch.manual_seed(0)
+    var = tiny_var(tiny_vqvae(), depth=2, attn_impl="sdpa", drop_path_rate=0.0).train()
+    labels_B = torch.randint(0, 10, (3,))
+    x_BLCv = torch.randn(3, var.L - 1, var.Cvae)
+    target_BL = torch.randint(0, var.V, (3, var.L))
+
+    def grads() -> list[torch.Tensor]:
+        var.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same label dropping
+        logits_BLV = var(labels_B, x_BLCv)
+        torch.nn.functional.cross_entropy(logits_BLV.flatten(0, 1), target_BL.flatten()).backward()
+        return [p.grad.clone() for p in var.parameters() if p.grad is not None]
+
+    eager = grads()
+    attention_forward = SelfAttention.forward
+
+    def forward_with_a_graph_break(self, *args, **kwargs):
+        out = attention_forward(self, *args, **kwargs)
+        torch._dynamo.graph_break()
+        return out
+
+    monkeypatch.setattr(SelfAttention, "forward", forward_with_a_graph_break)
+    torch._dynamo.reset()
+    for block in var.blocks:
+        block.compile_teacher_forcing(dynamic=False)
+    compiled = grads()
+    torch._dynamo.reset()
+    assert len(compiled) == len(eager)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_mask_first_built_under_inference_mode_is_a_normal_tensor():
+    """Lightning validates under ``torch.inference_mode``; the mask cached there is reused by training, whose
+    (compiled, flex) backward saves it, and inference tensors cannot be saved for backward."""
+    var = tiny_var(tiny_vqvae(), depth=1, attn_impl="sdpa")
+    with torch.inference_mode():
+        mask = var.block_causal_mask(torch.device("cpu"))
+    assert isinstance(mask.mask, torch.Tensor) and not mask.mask.is_inference()
+    assert var.block_causal_mask(torch.device("cpu")) is mask  # built once

@@ -204,6 +204,26 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, fashion_m
     assert len(val_steps) == len(set(val_steps))  # validation is never logged twice either
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_stops_cleanly_with_dataloader_workers(tmp_path, fashion_mnist_dir):
+    """scancel, a SLURM time limit, `timeout` and Ctrl-C signal the process group, DataLoader workers included; a
+    worker killed by it used to fail the run ("DataLoader worker ... is killed by signal") instead of a clean stop."""
+    run_dir = tmp_path / "run"
+    config = tiny_run_config(run_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", "process-group")
+    config["data"]["num_workers"] = 2
+    config["trainer"]["max_epochs"] = 50
+    log_path = tmp_path / "fit.log"
+    started = time.time()
+    proc = start_fit(write_config(tmp_path / "run.yaml", config), log_path)
+    wait_for_step(proc, run_dir / "checkpoints", 3, log_path, started)
+    os.killpg(proc.pid, signal.SIGTERM)  # start_fit gave it its own session: the group is the fit and its workers
+    rc = proc.wait(timeout=120)
+    log = log_path.read_text()
+    assert rc == 128 + signal.SIGTERM, log[-3000:]
+    assert "stopped by SIGTERM" in log and "DataLoader worker" not in log, log[-3000:]
+    assert not (run_dir / "FAILED").exists()
+
+
 def test_truncated_last_checkpoint_falls_back_to_the_previous_one_with_a_warning(tmp_path, fashion_mnist_dir):
     from var_lab.config import FitConfig, from_dict
     from var_lab.train import fit

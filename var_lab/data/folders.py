@@ -20,6 +20,7 @@ import itertools
 import multiprocessing
 import multiprocessing.context
 import os
+import signal
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -475,6 +476,17 @@ class _CountingIterator:
         return len(self.iterator)
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM and SIGINT: the training process stops after its step with a checkpoint.
+
+    ``scancel``, a SLURM time limit, ``timeout`` and Ctrl-C signal the whole process group. A worker killed by it
+    would fail the training process ("DataLoader worker ... is killed by signal") before it could stop cleanly. A
+    worker still exits with its parent: PyTorch's worker loop watches the parent process.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, config: DataConfig, shuffle: bool, drop_last: bool) -> DataLoader:
     """The DataLoader of a DataModule: a ``ResumableDataLoader`` with an ``EpochRandomSampler`` for training.
 
@@ -497,6 +509,7 @@ def make_loader(dataset: Dataset, config: DataConfig, shuffle: bool, drop_last: 
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
         generator=torch.Generator().manual_seed(seed if shuffle else 0),
+        worker_init_fn=_leave_stop_signals_to_the_trainer if workers > 0 else None,
     )
     if shuffle:
         return ResumableDataLoader(dataset, sampler=EpochRandomSampler(dataset, seed), **kwargs)

@@ -264,21 +264,28 @@ class VAR(nn.Module):
         impl = resolve_attn_impl(self.attn_impl, device)
         key = (impl, str(device), length)
         if key not in self._mask_cache:
-            if impl == "math":
-                mask = self.attn_bias_for_masking[:, :, :length, :length]
-            elif impl == "sdpa":
-                mask = self.attn_bias_for_masking[0, 0, :length, :length] == 0
-            else:
-                from torch.nn.attention.flex_attention import create_block_mask
-
-                lvl_L = self.lvl_1L[0, :length].to(device)
-
-                def block_causal(b, h, q_idx, kv_idx):
-                    return lvl_L[q_idx] >= lvl_L[kv_idx]
-
-                mask = create_block_mask(block_causal, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
-            self._mask_cache[key] = BlockCausalMask(impl, mask)
+            # Never inference tensors, even when first built under Lightning's inference_mode validation: the cached
+            # mask is reused by training, whose compiled backward saves it.
+            with torch.inference_mode(False):
+                self._mask_cache[key] = self._build_mask(impl, device, length)
         return self._mask_cache[key]
+
+    def _build_mask(self, impl: str, device: torch.device, length: int) -> BlockCausalMask:
+        """The mask of ``length`` tokens for kernel ``impl`` (see ``block_causal_mask``)."""
+        if impl == "math":
+            mask = self.attn_bias_for_masking[:, :, :length, :length]
+        elif impl == "sdpa":
+            mask = self.attn_bias_for_masking[0, 0, :length, :length] == 0
+        else:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            lvl_L = self.lvl_1L[0, :length].to(device)
+
+            def block_causal(b, h, q_idx, kv_idx):
+                return lvl_L[q_idx] >= lvl_L[kv_idx]
+
+            mask = create_block_mask(block_causal, B=None, H=None, Q_LEN=length, KV_LEN=length, device=device)
+        return BlockCausalMask(impl, mask)
 
     def _apply(self, fn, recurse=True):
         self._mask_cache = {}  # masks live on a device; rebuild after .to()/.cuda()

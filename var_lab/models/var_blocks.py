@@ -263,7 +263,10 @@ class AdaLNSelfAttn(nn.Module):
     ) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
         h_BLC = self.ln_wo_grad(x_BLC).mul(scale1.add(1)).add_(shift1)
-        x_BLC = x_BLC + self.drop_path(self.attn(h_BLC, mask, kv_cache).mul_(gamma1))
+        # Out of place (the release scales in place): where dynamo breaks the graph between the attention and this
+        # product, an in-place mul_ mutates the next graph's input, which that graph also saved for backward, and the
+        # backward fails ("modified by an inplace operation ... CopyBackwards"; issue 18, resumed compiled runs).
+        x_BLC = x_BLC + self.drop_path(self.attn(h_BLC, mask, kv_cache).mul(gamma1))
         h_BLC = self.ln_wo_grad(x_BLC).mul(scale2.add(1)).add_(shift2)
         x_BLC = x_BLC + self.drop_path(self.ffn(h_BLC).mul(gamma2))
         return x_BLC
