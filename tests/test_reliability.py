@@ -118,8 +118,11 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, fashion_m
 
     ensure_store(uri)  # created once here, before two processes use it
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "preempted"
-    reference_cfg = write_config(tmp_path / "reference.yaml", tiny_run_config(reference_dir, uri, "reference"))
-    run_cfg = write_config(tmp_path / "preempted.yaml", tiny_run_config(run_dir, uri, "preempted"))
+    configs = [tiny_run_config(reference_dir, uri, "reference"), tiny_run_config(run_dir, uri, "preempted")]
+    for config in configs:  # with an EMA of the weights (Lightning's EMAWeightAveraging), which must resume exactly
+        config["optim"]["ema_decay"] = 0.9
+    reference_cfg = write_config(tmp_path / "reference.yaml", configs[0])
+    run_cfg = write_config(tmp_path / "preempted.yaml", configs[1])
     reference = start_fit(reference_cfg, tmp_path / "reference.log")  # runs alongside the interrupted one
 
     seed = int(os.environ.get("VAR_LAB_TEST_SEED", random.randrange(10**6)))
@@ -182,9 +185,11 @@ def test_killed_and_resumed_run_equals_the_uninterrupted_one(tmp_path, fashion_m
     # Same weights, optimiser state and step as the uninterrupted run: exactly (deterministic CPU, one thread).
     ours, theirs = load_checkpoint(ckpt_dir / "last.ckpt"), load_checkpoint(reference_dir / "checkpoints" / "last.ckpt")
     assert ours["global_step"] == theirs["global_step"] == TOTAL_STEPS
-    assert ours["state_dict"].keys() == theirs["state_dict"].keys()
-    different = [k for k in ours["state_dict"] if not torch.equal(ours["state_dict"][k], theirs["state_dict"][k])]
-    assert not different, f"weights differ from the uninterrupted run: {different[:5]}"
+    for weights in ("state_dict", "current_model_state"):  # the EMA, and the trained weights
+        assert ours[weights].keys() == theirs[weights].keys()
+        different = [k for k in ours[weights] if not torch.equal(ours[weights][k], theirs[weights][k])]
+        assert not different, f"{weights} differs from the uninterrupted run: {different[:5]}"
+    assert ours["averaging_state"]["n_averaged"] == theirs["averaging_state"]["n_averaged"] == TOTAL_STEPS
     for ours_state, theirs_state in zip(ours["optimizer_states"][0]["state"].values(),
                                         theirs["optimizer_states"][0]["state"].values()):  # fmt: skip
         assert all(torch.equal(ours_state[k], theirs_state[k]) for k in ("exp_avg", "exp_avg_sq"))

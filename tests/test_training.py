@@ -202,3 +202,43 @@ def test_fit_learns_logs_the_contract_and_resumes_into_the_same_run(tmp_path, fa
     vqvae, var, info = load_var_checkpoint(tmp_path / "runs" / "d2" / "checkpoints" / "last.ckpt")
     assert info["mlflow_run_id"] == run_id and info["global_step"] == 16
     assert var.depth == 2 and var.vqvae is vqvae
+
+
+def test_ema_of_the_weights_is_validated_checkpointed_and_chosen_by_eval_and_sample(tmp_path, fashion_mnist_dir):
+    """optim.ema_decay: Lightning's EMAWeightAveraging; the checkpoint holds the average in state_dict and the trained
+    weights in current_model_state; load_var_checkpoint / sample / export pick them (the kill test checks resume)."""
+    import sys
+
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_reliability import tiny_run_config
+
+    from var_lab.cli import main as cli_main
+    from var_lab.config import InvalidValueError, OptimConfig
+    from var_lab.models.checkpoints import load_var_checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_run_config(tmp_path / "run", uri, "ema")
+    config["optim"]["ema_decay"] = 0.9
+    config["trainer"].update(max_epochs=1, val_check_interval=None)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert cli_main(["fit", "--config", str(tmp_path / "run.yaml")]) == 0
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert int(ckpt["averaging_state"]["n_averaged"]) == ckpt["global_step"] == 8
+    _, ema, ema_info = load_var_checkpoint(last)
+    _, raw, raw_info = load_var_checkpoint(last, weights="raw")
+    assert (ema_info["weights"], raw_info["weights"]) == ("ema", "raw")
+    assert torch.equal(ema.head.weight, ckpt["state_dict"]["var.head.weight"])
+    assert torch.equal(raw.head.weight, ckpt["current_model_state"]["var.head.weight"])
+    assert not torch.equal(ema.head.weight, raw.head.weight)
+    run = MlflowClient(uri).get_run((tmp_path / "run" / "mlflow_run_id").read_text().strip())
+    assert run.data.params["train.ema_decay"] == "0.9"
+    for weights in ("ema", "raw"):
+        out = tmp_path / f"samples_{weights}"
+        argv = ["sample", "--checkpoint", str(last), "--classes", "0", "--per-class", "1", "--out", str(out)]
+        assert cli_main([*argv, "--model-weights", weights, "--device", "cpu"]) == 0
+        assert (out / "grid.png").is_file()
+    with pytest.raises(InvalidValueError, match=r"ema_decay=1.0 is invalid: it must be a number in \[0, 1\)"):
+        OptimConfig(ema_decay=1.0)

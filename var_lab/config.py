@@ -262,6 +262,11 @@ class OptimConfig(Section):
     """Initial scale of the AdaLN gamma rows (the release's init_adaln_gamma)."""
     fused: Optional[bool] = None
     """Fused AdamW; None means on for CUDA."""
+    ema_decay: Optional[float] = None
+    """Keep an exponential moving average of the weights with this decay per optimiser step (e.g. 0.999), through
+    Lightning's ``EMAWeightAveraging``. Validation runs on the average, a checkpoint's ``state_dict`` holds it (the
+    raw weights in ``current_model_state``), and ``var-lab eval`` / ``sample`` use it unless ``--weights raw``.
+    None: no average."""
 
     def check(self) -> None:
         at_least(self, "base_lr", 0, strict=True)
@@ -275,6 +280,7 @@ class OptimConfig(Section):
         in_range(self, "final_lr_ratio", 0, 1)
         in_range(self, "label_smoothing", 0, 1, closed=False)
         at_least(self, "alng", 0)
+        in_range(self, "ema_decay", 0, 1, closed=False)
 
 
 #: Lightning's precision names (``lightning.fabric.connector._PRECISION_INPUT_STR``)

@@ -64,6 +64,7 @@ from var_lab.metrics.fid import (
     ReferenceStats,
     reference_statistics,
 )
+from var_lab.models.checkpoints import WEIGHT_CHOICES
 from var_lab.ranks import init_from_env
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -292,10 +293,12 @@ def _load_model(args: argparse.Namespace, device: torch.device):
     """(var, info, model_params) from --checkpoint or --release-var/--release-tokenizer."""
     from var_lab.models.checkpoints import load_var_model
 
-    vqvae, var, info = load_var_model(args.checkpoint, args.release_var, args.release_tokenizer, args.depth)
-    model_params: dict[str, Any] = {}
+    vqvae, var, info = load_var_model(
+        args.checkpoint, args.release_var, args.release_tokenizer, args.depth, weights=args.model_weights
+    )
+    model_params: dict[str, Any] = {"eval.model_weights": info["weights"]}  # ema, raw or release
     if not args.checkpoint:
-        model_params = {
+        model_params |= {
             **var.scaling_metadata(),
             "data.resolution": vqvae.resolution,
             "eval.checkpoint": str(Path(args.release_var).resolve()),
@@ -334,6 +337,10 @@ def eval_main(argv: list[str]) -> int:
     parser.add_argument("--metrics", default="fid,kid,prc,auto", help="fid,kid,prc,is; auto adds IS when possible")
     parser.add_argument("--kid-subset-size", type=positive_int, default=1000, help="KID subset size (capped at N)")
     parser.add_argument("--weights", help="FID Inception weights (default: $TORCH_HOME/hub/checkpoints/...)")
+    parser.add_argument(
+        "--model-weights", default="ema", choices=WEIGHT_CHOICES,
+        help="a checkpoint of a run with optim.ema_decay: its moving average (ema) or its trained weights (raw)",
+    )  # fmt: skip
     parser.add_argument(
         "--feature-batch-size", type=positive_int, default=200, help="images per Inception forward pass"
     )

@@ -75,6 +75,12 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _weights_row(info: dict, fit: dict) -> str:
+    if info.get("weights") == "ema":
+        return f"EMA of the weights (decay {fit.get('optim', {}).get('ema_decay')})"
+    return "the trained weights (the run kept no EMA)"
+
+
 def model_card(exported: dict[str, Any]) -> str:
     """A markdown model card for an export (see ``export_checkpoint``)."""
     var, vqvae, info, meta = exported["var"], exported["vqvae"], exported["info"], exported["meta"]
@@ -108,6 +114,7 @@ def model_card(exported: dict[str, Any]) -> str:
         ("images seen", images if global_batch else "?"),
         ("tokens seen", images * var.L if global_batch else "?"),
         ("precision", trainer.get("precision", "?")),
+        ("weights", _weights_row(info, fit)),
     ]
     if flops_per_image and global_batch:
         training.append(("training compute (PFLOPs)", images * float(flops_per_image) / 1e15))

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from var_lab.inputs import ArgumentParser, check_output_dir, positive_int
-from var_lab.models.checkpoints import load_var_model
+from var_lab.models.checkpoints import WEIGHT_CHOICES, load_var_model
 
 
 def sample_main(argv: list[str]) -> int:
@@ -26,13 +26,19 @@ def sample_main(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     parser.add_argument("--out", default="samples", help="output folder (grid.png and images/)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--model-weights", default="ema", choices=WEIGHT_CHOICES,
+        help="a checkpoint of a run with optim.ema_decay: its moving average (ema) or its trained weights (raw)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     from torchvision.utils import save_image
     from tqdm import tqdm
 
     check_output_dir(args.out, "--out")  # before minutes of sampling
     # a BadInputError is reported by var_lab.cli
-    vqvae, var, _ = load_var_model(args.checkpoint, args.release_var, args.release_tokenizer, args.depth)
+    vqvae, var, _ = load_var_model(
+        args.checkpoint, args.release_var, args.release_tokenizer, args.depth, weights=args.model_weights
+    )
     device = torch.device(args.device)
     vqvae.to(device)
     var.to(device)

@@ -343,6 +343,18 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
         from var_lab.callbacks.fid import FIDCallback
 
         callbacks.append(FIDCallback.from_config(cfg.eval, cfg.data))
+    if cfg.optim.ema_decay is not None:
+        try:
+            from lightning.pytorch.callbacks import EMAWeightAveraging
+        except ImportError:  # Lightning < 2.6
+            import lightning
+
+            raise BadInputError(
+                f"optim.ema_decay={cfg.optim.ema_decay} needs Lightning >= 2.6 (EMAWeightAveraging); this is "
+                f"{lightning.__version__}: pip install 'lightning>=2.6', or drop optim.ema_decay"
+            ) from None
+        # First: it updates the average after each step before anything saves that step (exact resume).
+        callbacks.insert(0, EMAWeightAveraging(decay=cfg.optim.ema_decay))
     preemption = PreemptionCallback(output_dir / "checkpoints")
     trainer = make_trainer(cfg.trainer, output_dir, logger, [*callbacks, preemption])
     if ckpt_path and trainer.global_rank == 0:

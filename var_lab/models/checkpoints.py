@@ -79,19 +79,29 @@ def load_tokenizer(path: Union[str, Path], cfg: Optional[TokenizerModelConfig] =
     return vqvae.eval().requires_grad_(False)
 
 
+#: ``load_var_checkpoint``'s choice of weights: the moving average (when the run kept one) or the trained ones
+WEIGHT_CHOICES = ("ema", "raw")
+
+
 def load_var_checkpoint(
-    path: Union[str, Path], map_location: Union[str, torch.device] = "cpu"
+    path: Union[str, Path], map_location: Union[str, torch.device] = "cpu", weights: str = "ema"
 ) -> tuple[VQVAE, VAR, dict[str, Any]]:
     """Load a training checkpoint of ``VARModule``.
 
     Args:
         path: a ``.ckpt`` written by ``var-lab fit``.
         map_location: device for the weights.
+        weights: ``ema``, the moving average of a run with ``optim.ema_decay`` (Lightning's weight averaging keeps
+            it in ``state_dict`` and the trained weights in ``current_model_state``), or ``raw``, the trained
+            weights. A checkpoint without an average has only the trained weights, whichever is asked.
 
     Returns:
         (vqvae, var, info) with the tokenizer attached to the transformer, both in eval mode; ``info`` holds
-        ``fit_config`` (dict), ``global_step``, ``mlflow_run_id``, ``tracking_uri``, ``epoch``.
+        ``fit_config`` (dict), ``global_step``, ``mlflow_run_id``, ``tracking_uri``, ``epoch`` and ``weights``
+        (``ema`` or ``raw``: the weights loaded).
     """
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -100,7 +110,8 @@ def load_var_checkpoint(
         raise ValueError(f"{path}: not a var-lab VAR checkpoint (no hyper_parameters.config)")
     cfg_dict = ckpt["hyper_parameters"]["config"]
     cfg = from_dict(FitConfig, cfg_dict, str(path))
-    state = ckpt["state_dict"]
+    has_average = "current_model_state" in ckpt and "averaging_state" in ckpt
+    state = ckpt["current_model_state"] if has_average and weights == "raw" else ckpt["state_dict"]
     vqvae = VQVAE.from_config(cfg.tokenizer)
     vqvae.load_state_dict({k[len("vqvae.") :]: v for k, v in state.items() if k.startswith("vqvae.")}, strict=True)
     vqvae.requires_grad_(False)
@@ -113,6 +124,7 @@ def load_var_checkpoint(
         "epoch": int(ckpt.get("epoch", 0)),
         "mlflow_run_id": meta.get("mlflow_run_id"),
         "tracking_uri": meta.get("tracking_uri"),
+        "weights": "ema" if has_average and weights == "ema" else "raw",
     }
     return vqvae.eval(), var.eval(), info
 
@@ -141,6 +153,7 @@ def load_var_model(
     release_var: Optional[PathLike] = None,
     release_tokenizer: Optional[PathLike] = None,
     depth: Optional[int] = None,
+    weights: str = "ema",
 ) -> tuple[VQVAE, VAR, dict[str, Any]]:
     """(vqvae, var, info) on the CPU from a ``var-lab fit`` checkpoint, or from the released pair of files.
 
@@ -149,6 +162,7 @@ def load_var_model(
         release_var: a released ``var_d{16,20,24,30}.pth`` (with ``release_tokenizer``), when no checkpoint is given.
         release_tokenizer: the released ``vae_ch160v4096z32.pth``.
         depth: the expected depth of ``release_var``.
+        weights: ``ema`` or ``raw`` for a checkpoint (see ``load_var_checkpoint``).
 
     Returns:
         ``info`` holds the checkpoint's ``fit_config``, ``global_step``, ``mlflow_run_id`` and ``tracking_uri`` (None
@@ -161,7 +175,8 @@ def load_var_model(
     check_model_paths(checkpoint, release_var, release_tokenizer)  # before the heavy loading
     if checkpoint:
         with checkpoint_load_errors(checkpoint, "--checkpoint", VAR_CKPT_FIX):
-            return load_var_checkpoint(checkpoint, map_location="cpu")
+            return load_var_checkpoint(checkpoint, map_location="cpu", weights=weights)
     vqvae = load_release_tokenizer(release_tokenizer)
     var = load_release_var(release_var, vqvae=vqvae, depth=depth)
-    return vqvae, var, {"fit_config": None, "global_step": 0, "mlflow_run_id": None, "tracking_uri": None}
+    info = {"fit_config": None, "global_step": 0, "mlflow_run_id": None, "tracking_uri": None, "weights": "release"}
+    return vqvae, var, info
