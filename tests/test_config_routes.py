@@ -50,6 +50,8 @@ def type_invalid(annotation: typing.Any) -> typing.Any:
         return "bogus" if origin is typing.Literal or str not in args else ""
     if origin is typing.Union:  # devices: int, list or str
         return "bogus"
+    if origin is list:  # trainer.callbacks / trainer.logger: a list of {class_path, init_args}
+        return "bogus"
     if origin is tuple:
         return ["a"] if args[-1] is Ellipsis else [0.9]
     return {bool: "maybe", int: "abc", float: "abc", str: ""}[annotation]

@@ -242,3 +242,48 @@ def test_ema_of_the_weights_is_validated_checkpointed_and_chosen_by_eval_and_sam
         assert (out / "grid.png").is_file()
     with pytest.raises(InvalidValueError, match=r"ema_decay=1.0 is invalid: it must be a number in \[0, 1\)"):
         OptimConfig(ema_decay=1.0)
+
+
+def test_lightning_callbacks_and_loggers_by_class_path_beside_mlflow(tmp_path, fashion_mnist_dir, capsys):
+    """trainer.callbacks / trainer.logger take any Lightning callback or logger as {class_path, init_args}: here a
+    real TensorBoardLogger writes event files next to MLflow, and LearningRateMonitor logs the lr to both."""
+    import sys
+
+    import yaml
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_reliability import tiny_run_config
+
+    from var_lab.cli import main as cli_main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = tiny_run_config(tmp_path / "run", uri, "plugins")
+    config["trainer"].update(max_epochs=1, val_check_interval=None)
+    config["trainer"]["callbacks"] = [
+        {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}}
+    ]
+    config["trainer"]["logger"] = [
+        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path / "tb")}}
+    ]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert cli_main(["fit", "--config", str(tmp_path / "run.yaml")]) == 0
+    (events,) = (tmp_path / "tb").rglob("events.out.tfevents.*")
+    scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert {"train/loss", "val/L_mean", "lr-AdamW/pg1"} <= set(scalars), scalars
+    run = MlflowClient(uri).get_run((tmp_path / "run" / "mlflow_run_id").read_text().strip())
+    assert "train/loss" in run.data.metrics and "lr-AdamW/pg1" in run.data.metrics  # MLflow still gets everything
+
+    # A class that is not there, or not a logger: one line naming the entry, and no training.
+    for spec, message in (
+        ({"class_path": "lightning.pytorch.loggers.NoSuchLogger"}, "trainer.logger[0].class_path="),
+        ({"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}, "is not a lightning.pytorch.loggers"),
+    ):
+        config["trainer"]["logger"] = [spec]
+        config["output_dir"] = str(tmp_path / "bad")
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+        capsys.readouterr()
+        assert cli_main(["fit", "--config", str(tmp_path / "bad.yaml")]) != 0
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not list((tmp_path / "bad").glob("checkpoints/*.ckpt"))

@@ -118,6 +118,24 @@ def in_range(section: Any, name: str, low: float, high: float, closed: bool = Tr
     require(section, name, ok, f"it must be a number in [{low:g}, {high:g}{']' if closed else ')'}")
 
 
+#: what ``trainer.callbacks`` and ``trainer.logger`` entries must look like
+CLASS_SPEC_RULE = (
+    "a mapping {class_path: a dotted name such as lightning.pytorch.callbacks.LearningRateMonitor, init_args: "
+    "{...}} (init_args optional, no other keys)"
+)
+
+
+def _is_class_spec(spec: Any) -> bool:
+    if not isinstance(spec, dict) or not set(spec) <= {"class_path", "init_args"}:
+        return False
+    path, args = spec.get("class_path"), spec.get("init_args", {})
+    return (
+        isinstance(path, str)
+        and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", path) is not None
+        and (isinstance(args, dict))
+    )
+
+
 @dataclass
 class TokenizerModelConfig(Section):
     """Architecture of the multi-scale VQVAE tokenizer (defaults: the released ``vae_ch160v4096z32``)."""
@@ -342,6 +360,12 @@ class TrainerConfig(Section):
     fallback for a corrupt last.ckpt)."""
     activation_checkpointing: bool = False
     """Recompute block activations in the backward pass (large depths)."""
+    callbacks: list[dict[str, Any]] = field(default_factory=list)
+    """More Lightning callbacks beside var-lab's own, in jsonargparse's form: each ``{class_path: DOTTED.NAME,
+    init_args: {...}}``, e.g. ``lightning.pytorch.callbacks.LearningRateMonitor`` or ``EarlyStopping``."""
+    logger: list[dict[str, Any]] = field(default_factory=list)
+    """More Lightning loggers beside MLflow (which stays the first, the one var-lab reads), same form, e.g.
+    ``{class_path: lightning.pytorch.loggers.TensorBoardLogger, init_args: {save_dir: tb}}``."""
 
     def check(self) -> None:
         devices = self.devices
@@ -363,6 +387,10 @@ class TrainerConfig(Section):
         at_least(self, "checkpoint_every_n_steps", 1)
         at_least(self, "keep_checkpoints", 0)
         at_least(self, "text_progress_every_n_steps", 0)
+        for name in ("callbacks", "logger"):
+            for i, spec in enumerate(getattr(self, name)):
+                if not _is_class_spec(spec):
+                    raise InvalidValueError(f"{name}[{i}]", spec, CLASS_SPEC_RULE)
 
 
 @dataclass

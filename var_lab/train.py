@@ -60,6 +60,33 @@ def resolve_precision(trainer_cfg: TrainerConfig) -> str:
     return "bf16-mixed" if wants_gpu else "32-true"
 
 
+def instantiate_classes(specs: list[dict[str, Any]], base: type, key: str) -> list[Any]:
+    """``trainer.callbacks`` / ``trainer.logger`` entries ``{class_path, init_args}`` -> instances of ``base``.
+
+    Raises:
+        BadInputError: naming the entry, when its class cannot be imported, is not a ``base``, or refuses init_args.
+    """
+    import importlib
+
+    made = []
+    for i, spec in enumerate(specs):
+        where, path = f"{key}[{i}]", spec["class_path"]
+        module_name, _, name = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError) as err:
+            raise BadInputError(
+                f"{where}.class_path={path!r} cannot be imported ({err}); give the dotted name of an installed class"
+            ) from None
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise BadInputError(f"{where}.class_path={path!r} is not a {base.__module__}.{base.__name__} subclass")
+        try:
+            made.append(cls(**spec.get("init_args", {})))
+        except (TypeError, ValueError, ImportError) as err:
+            raise BadInputError(f"{where}: {name}(**init_args) failed: {err}; fix {where}.init_args") from None
+    return made
+
+
 def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks: list, command: str = "var-lab fit"):
     """A Lightning Trainer from the config, with checkpoints in ``output_dir/checkpoints``.
 
@@ -104,6 +131,12 @@ def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks
                 enable_version_counter=False,
             )
         )
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import Logger
+
+    callbacks = [*callbacks, *instantiate_classes(trainer_cfg.callbacks, Callback, "trainer.callbacks")]
+    loggers = [logger] if logger is not None else []
+    loggers += instantiate_classes(trainer_cfg.logger, Logger, "trainer.logger")
     terminal = sys.stdout.isatty()
     if not terminal and trainer_cfg.text_progress_every_n_steps:
         callbacks = [*callbacks, TextProgress(trainer_cfg.text_progress_every_n_steps, prefix=command)]
@@ -120,7 +153,7 @@ def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks
         accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
         deterministic=trainer_cfg.deterministic,
         enable_progress_bar=trainer_cfg.enable_progress_bar and terminal,
-        logger=logger if logger is not None else False,
+        logger=loggers or False,  # MLflow first: self.logger is the one var-lab reads
         callbacks=checkpointing + [FinalValidation(), *callbacks],
         default_root_dir=str(output_dir),
         enable_model_summary=global_rank() == 0,

@@ -110,7 +110,8 @@ class TokenizerModule(L.LightningModule):
                 "train.lr": self.cfg.lr,
                 "git.commit": git_commit(),
             }
-            self.logger.log_hyperparams(params)
+            for logger in self.loggers:  # MLflow, and any trainer.logger beside it
+                logger.log_hyperparams(params)
         log_run_config(self)
 
     def configure_optimizers(self):

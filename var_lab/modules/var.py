@@ -127,8 +127,10 @@ class VARModule(L.LightningModule):
             self._compiled = True
 
     def on_fit_start(self) -> None:
-        if self.logger is not None and self.global_rank == 0:
-            self.logger.log_hyperparams(self.mlflow_params())
+        if self.loggers and self.global_rank == 0:
+            params = self.mlflow_params()
+            for logger in self.loggers:  # MLflow, and any trainer.logger beside it
+                logger.log_hyperparams(params)
         log_run_config(self)
 
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
