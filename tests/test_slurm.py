@@ -47,7 +47,7 @@ base:
   data: {{name: fashion_mnist, resolution: 32, batch_size: 8, num_workers: 0, limit_train: {limit_train},
          limit_val: 16}}
   trainer: {{max_epochs: 1, max_steps: {max_steps}, log_every_n_steps: 1, limit_val_batches: 1,
-            enable_progress_bar: false}}
+            enable_progress_bar: false, text_progress_every_n_steps: 5}}
   tracking: {{sample_grid_every_n_val: 0}}
 axes:
   depth: [1]
@@ -92,8 +92,9 @@ def test_sweep_run_submitted_to_real_slurm_through_submitit(tmp_path, fashion_mn
 def test_real_slurm_requeue_on_sigusr1_resumes_the_same_run(tmp_path, fashion_mnist_dir):
     import mlflow
 
-    # long enough (200 steps, ~1 min on 2 cores) that the signal, sent at the first logged step, lands while it trains
-    max_steps = 200
+    # long enough that the signal, sent at the job's first progress line (step 5), lands while it trains: 400
+    # steps take 20 s to 2 min on 2 cores
+    max_steps = 400
     path = sweep_file(tmp_path, max_steps=max_steps, limit_train=8192)
     result = var_lab("sweep", "launch", str(path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -102,17 +103,18 @@ def test_real_slurm_requeue_on_sigusr1_resumes_the_same_run(tmp_path, fashion_mn
     status = json.loads(var_lab("sweep", "status", str(path), "--json").stdout)
     assert status["tasks"][0]["state"] in ("queued", "running") and status["tasks"][0]["job_id"] == job_id
     try:
-        # wait until training logs steps, then do what SLURM does signal_delay_s before the time limit
+        # wait until the job trains (its first progress line; MLflow's view of the metrics can lag behind on a fast
+        # machine), then do what SLURM does signal_delay_s before the time limit
         uri = f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
-        deadline, history = time.time() + 300, []
+        job_log = run_dir / "slurm" / f"{job_id}_0_log.out"
+        deadline = time.time() + 300
         while time.time() < deadline:
-            if (run_dir / "mlflow_run_id").exists():
-                run_id = (run_dir / "mlflow_run_id").read_text().strip()
-                history = mlflow.MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/loss")
-                if len(history) >= 1:
-                    break
-            time.sleep(0.2)
-        assert len(history) >= 1, "training did not start"
+            if job_log.exists() and "var-lab fit: step " in job_log.read_text(errors="replace"):
+                break
+            time.sleep(0.1)
+        started = job_log.exists() and "var-lab fit: step " in job_log.read_text(errors="replace")
+        assert started, "training did not start"
+        run_id = (run_dir / "mlflow_run_id").read_text().strip()
         assert not (run_dir / "DONE").exists(), "the job finished before it could be signalled: raise max_steps"
         signal = subprocess.run(["scancel", "--signal=USR1", job_id], capture_output=True, text=True)
         assert signal.returncode == 0, f"scancel: {signal.stderr} (job state {slurm_job_states([job_id])})"
