@@ -132,7 +132,7 @@ def _is_class_spec(spec: Any) -> bool:
     return (
         isinstance(path, str)
         and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", path) is not None
-        and (isinstance(args, dict))
+        and isinstance(args, dict)
     )
 
 
@@ -283,7 +283,7 @@ class OptimConfig(Section):
     ema_decay: Optional[float] = None
     """Keep an exponential moving average of the weights with this decay per optimiser step (e.g. 0.999), through
     Lightning's ``EMAWeightAveraging``. Validation runs on the average, a checkpoint's ``state_dict`` holds it (the
-    raw weights in ``current_model_state``), and ``var-lab eval`` / ``sample`` use it unless ``--weights raw``.
+    raw weights in ``current_model_state``), and ``var-lab eval`` / ``sample`` use it unless ``--model-weights raw``.
     None: no average."""
 
     def check(self) -> None:

@@ -98,7 +98,7 @@ class VARModule(L.LightningModule):
             "train.weight_decay": self.cfg.optim.weight_decay,
             "train.final_weight_decay": self.cfg.optim.final_weight_decay,
             "train.alng": self.cfg.optim.alng,
-            "train.ema_decay": self.cfg.optim.ema_decay or "",
+            "train.ema_decay": "" if self.cfg.optim.ema_decay is None else self.cfg.optim.ema_decay,
             "train.label_smoothing": self.cfg.optim.label_smoothing,
             "train.precision": str(self.trainer.precision) if self._trainer is not None else "",
             "train.seed": self.cfg.seed,
