@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-to-mlflow",
         action="store_true",
-        help="also log the report folder as artifacts of a new run (tag var_lab.kind=analysis)",
+        help="also log the report folder as artifacts of a new run (tag var_lab.kind=analysis) and, when the "
+        "experiment holds a launched sweep, of its parent run (under report/)",
     )
     return parser  # fmt: skip
 
@@ -158,28 +159,36 @@ def log_report(study, out_dir: Path) -> str:
     """
     from mlflow.tracking import MlflowClient
 
-    from var_lab.contract import TAG_KIND, TAG_SWEEP
+    from var_lab.contract import TAG_KIND, TAG_PARENT_RUN, TAG_SWEEP
     from var_lab.tracking.spool import SPOOL_FILENAME, deliver_or_spool
 
     client = MlflowClient(tracking_uri=study.tracking_uri)
     experiment = client.get_experiment_by_name(study.experiments[0])
-    run_id = client.create_run(
-        experiment.experiment_id,
-        tags={TAG_KIND: "analysis", TAG_SWEEP: study.experiments[0]},
-        run_name="analysis",
-    ).info.run_id
-
-    def record(kind: str, **fields) -> dict:
-        return {"uri": study.tracking_uri, "run_id": run_id, "type": kind, **fields}
+    parent = _sweep_parent_run(client, experiment.experiment_id, study)
+    tags = {TAG_KIND: "analysis", TAG_SWEEP: study.experiments[0]}
+    if parent is not None:
+        tags[TAG_PARENT_RUN] = parent
+    run_id = client.create_run(experiment.experiment_id, tags=tags, run_name="analysis").info.run_id
 
     # One record per entry of the folder (a folder's record logs its contents), so that the spool, which lives in
-    # the same folder, never copies itself.
-    records = [
-        record("artifact", path=str(entry), artifact_path="analysis" if entry.is_file() else f"analysis/{entry.name}")
-        for entry in sorted(Path(out_dir).iterdir())
-        if not entry.name.startswith("mlflow_spool")
-    ]
-    records.append(record("status", status="FINISHED", end_time=None))
+    # the same folder, never copies itself. The sweep's parent run gets the same files (under report/) and is
+    # marked FINISHED: its sweep has been analysed.
+    entries = [entry for entry in sorted(Path(out_dir).iterdir()) if not entry.name.startswith("mlflow_spool")]
+    records = []
+    for target, folder in [(run_id, "analysis"), *([(parent, "report")] if parent else [])]:
+        records += [
+            {
+                "uri": study.tracking_uri,
+                "run_id": target,
+                "type": "artifact",
+                "path": str(entry),
+                "artifact_path": folder if entry.is_file() else f"{folder}/{entry.name}",
+            }
+            for entry in entries
+        ]
+        records.append(
+            {"uri": study.tracking_uri, "run_id": target, "type": "status", "status": "FINISHED", "end_time": None}
+        )
     delivery = deliver_or_spool(records, Path(out_dir) / SPOOL_FILENAME)
     if delivery.remaining:
         print(
@@ -188,3 +197,26 @@ def log_report(study, out_dir: Path) -> str:
             file=sys.stderr,
         )
     return run_id
+
+
+def _sweep_parent_run(client, experiment_id: str, study) -> str | None:
+    """The parent run (``var_lab.kind=sweep``) of the sweep whose points the study read, if the experiment has one.
+
+    With several sweeps in one experiment, the one most of the study's runs belong to (their ``var_lab.sweep`` tag).
+    """
+    from var_lab.contract import TAG_KIND, TAG_SWEEP
+
+    parents = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG_KIND}` = 'sweep'", order_by=["attributes.start_time ASC"]
+    )
+    by_sweep: dict[str, str] = {}
+    for run in parents:
+        by_sweep.setdefault(run.data.tags.get(TAG_SWEEP, ""), run.info.run_id)
+    if not by_sweep:
+        return None
+    sweeps = study.runs["sweep"].dropna() if "sweep" in study.runs.columns else None
+    if sweeps is not None and len(sweeps):
+        for name in sweeps.value_counts().index:
+            if name in by_sweep:
+                return by_sweep[name]
+    return next(iter(by_sweep.values())) if len(by_sweep) == 1 else None

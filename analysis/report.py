@@ -80,7 +80,7 @@ class AnalysisOptions:
     seed: int = 0
     paper_reference: bool = False
     """Add the paper's FIDs and laws as a reference column."""
-    exclude_kinds: tuple[str, ...] = ("tokenizer", "analysis")
+    exclude_kinds: tuple[str, ...] = ("tokenizer", "analysis", "sweep")
     holdout_largest: bool = False
     """Ladder-style check: refit every law in N (and the loss frontier in C) without the largest size and predict
     that size's final loss and FID (``holdout.csv`` and a report section)."""

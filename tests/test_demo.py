@@ -48,6 +48,24 @@ def test_demo_sweep_small(tmp_path, fashion_mnist_dir, fid_weights_path):
     assert var_runs[loss_col].map(math.isfinite).all()
     fid_col = next(c for c in runs.columns if "eval/fid" in c)
     assert var_runs[fid_col].map(lambda v: math.isfinite(float(v))).all()
+    # MLflow's view: one parent run for the sweep, every run of a point its child, the report on the parent
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("demo_cpu")
+    all_runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in all_runs if r.data.tags.get("var_lab.kind") == "sweep"]
+    children = [r for r in all_runs if r.info.run_id != parent.info.run_id]
+    assert {r.data.tags.get("var_lab.kind") for r in children} == {"tokenizer", "var", "analysis"}
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in children), [
+        (r.data.tags.get("var_lab.kind"), r.data.tags.get("mlflow.parentRunId")) for r in children
+    ]
+    assert parent.info.status == "FINISHED"  # the analysis has been logged to it
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/plots"} <= logged, logged
+    # the sample grids of a fit as MLflow images with their steps
+    var_run = next(r for r in children if r.data.tags.get("var_lab.kind") == "var")
+    assert any(a.path.startswith("images/samples+step+") for a in client.list_artifacts(var_run.info.run_id, "images"))
     # running it again reuses the finished runs
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

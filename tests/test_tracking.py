@@ -370,6 +370,50 @@ def _offline_logger(tmp_path: Path, store_uri: str) -> ResilientMLFlowLogger:
     )
 
 
+def test_sweep_parent_run_is_made_once_and_new_runs_of_the_sweep_become_its_children(tmp_path, store):
+    from var_lab.tracking import find_sweep_run, get_or_create_sweep_run
+
+    parent = get_or_create_sweep_run(store, "study", "demo", "var-lab sweep `demo`: depth=1, depth=2")
+    client = MlflowClient(store)
+    client.set_terminated(parent)
+    assert get_or_create_sweep_run(store, "study", "demo") == parent  # a relaunch reuses it and sets it RUNNING
+    run = client.get_run(parent)
+    assert run.info.status == "RUNNING" and run.data.tags["var_lab.kind"] == "sweep"
+    assert run.data.tags["mlflow.note.content"].endswith("depth=1, depth=2")
+    assert find_sweep_run(store, run.info.experiment_id, "other") is None
+
+    child = make_mlflow_logger(TrackingConfig(experiment="study", sweep="demo", point="depth=1"), tmp_path / "d1")
+    alone = make_mlflow_logger(TrackingConfig(experiment="study", sweep="other", point="depth=1"), tmp_path / "o1")
+    for logger in (child, alone):
+        logger.log_metrics({"x": 1.0}, step=0)
+        logger.finalize("success")
+    assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == parent
+    assert "mlflow.parentRunId" not in client.get_run(alone.run_id).data.tags  # no parent run: a plain run
+
+
+def test_images_are_logged_with_their_step_also_through_the_spool(tmp_path, store):
+    from PIL import Image
+
+    grid = tmp_path / "grid.png"
+    Image.new("RGB", (8, 4), (255, 0, 0)).save(grid)
+    online = make_mlflow_logger(TrackingConfig(experiment="img"), tmp_path / "run")
+    offline = _offline_logger(tmp_path, store)
+    for logger in (online, offline):
+        logger.log_image(grid, key="samples", step=7)
+        logger.log_image(grid, key="samples", step=9)
+    with pytest.warns(UserWarning, match="var-lab sync"):
+        offline.finalize("success")
+    assert sync_main(["--output-dir", str(tmp_path / "run"), "--tracking-uri", store]) == 0
+    client = MlflowClient(store)
+    for run_id in (online.run_id, offline.run_id):
+        pngs = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+        assert sorted(p.split("+")[2] for p in pngs) == ["7", "9"] and all(
+            p.startswith("images/samples+step+") for p in pngs
+        )
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        online.log_image(tmp_path / "missing.png", key="samples", step=1)
+
+
 def test_offline_points_are_spooled_and_synced_exactly_once(tmp_path, capsys, store):
     logger = _offline_logger(tmp_path, store)
     artifact = tmp_path / "plot.png"

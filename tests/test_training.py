@@ -178,8 +178,10 @@ def test_fit_learns_logs_the_contract_and_resumes_into_the_same_run(tmp_path, fa
     assert global_batch == 16
     for step, value in flops.items():
         assert value == pytest.approx((step + 1) * global_batch * per_image, rel=1e-6)
-    artifacts = [a.path for a in client.list_artifacts(run_id, "samples")]
-    assert any(p.endswith(".png") for p in artifacts)
+    # the sample grids as MLflow images with their step (what the UI's image slider reads)
+    grids = [a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")]
+    steps = sorted(int(p.split("+")[2]) for p in grids if p.startswith("images/samples+step+"))
+    assert len(steps) >= 3 and steps == sorted(set(steps)), grids
     # the resolved config and the commit, as MLflow users expect them
     assert "config.yaml" in [a.path for a in client.list_artifacts(run_id)]
     stored = Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path / "dl"))).read_text()
@@ -287,3 +289,36 @@ def test_lightning_callbacks_and_loggers_by_class_path_beside_mlflow(tmp_path, f
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
         assert not list((tmp_path / "bad").glob("checkpoints/*.ckpt"))
+
+
+class ClipProbe(L.Callback):
+    """Records the global gradient norm that reaches the optimiser (after the Trainer's clipping)."""
+
+    seen: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # After optimizer.step and before the next zero_grad: the gradients the step used.
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if grads:
+            ClipProbe.seen.append(float(torch.nn.utils.get_total_norm(grads)))
+
+
+def test_gradient_clipping_is_the_trainers_and_grad_norm_is_logged_before_it(tmp_path, fashion_mnist_dir):
+    """optim.grad_clip becomes the Trainer's gradient_clip_val (so FSDP can own it); opt/grad_norm stays the norm
+    before clipping, as the release logs it."""
+    import sys
+
+    from var_lab.train import fit, make_trainer
+
+    trainer = make_trainer(TrainerConfig(accelerator="cpu"), tmp_path, None, [], gradient_clip_val=1e-3)
+    assert (trainer.gradient_clip_val, trainer.gradient_clip_algorithm) == (1e-3, "norm")
+    sys.path.insert(0, str(Path(__file__).parent))
+    ClipProbe.seen.clear()
+    cfg = tiny_fit_config(tmp_path, max_steps=4, val_check_interval=None, limit_val_batches=1)
+    cfg.optim.grad_clip = 1e-3
+    cfg.trainer.callbacks = [{"class_path": "test_training.ClipProbe"}]
+    summary = fit(cfg)
+    assert len(ClipProbe.seen) == 4 and max(ClipProbe.seen) <= 1e-3 * (1 + 1e-4), ClipProbe.seen
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    logged = client.get_metric_history(summary["mlflow_run_id"], "opt/grad_norm")
+    assert len(logged) == 4 and min(m.value for m in logged) > 1e-2  # the unclipped norm, far above the threshold

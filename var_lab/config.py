@@ -267,7 +267,8 @@ class OptimConfig(Section):
     final_weight_decay: float = 0.05
     """Weight decay at the end of training (cosine schedule from weight_decay)."""
     grad_clip: float = 2.0
-    """Gradient-norm clipping threshold (0 disables)."""
+    """Global gradient-norm clipping threshold (0 disables), applied by the Lightning Trainer (its
+    ``gradient_clip_val``, algorithm "norm") so that a sharding strategy (FSDP) clips over all shards."""
     warmup_epochs: Optional[float] = None
     """Warm-up length in epochs; None means epochs / 50 as in the release."""
     warmup_start_ratio: float = 0.005

@@ -20,8 +20,11 @@ TAG_SOURCE = "var_lab.source"
 """``release`` for an evaluation of a released checkpoint."""
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
 """MLflow's own tag for the code's commit (also the param ``git.commit``), set on every training run."""
-KINDS = ("tokenizer", "var", "eval", "analysis")
-"""Values of ``var_lab.kind``: a tokenizer or VAR training run, an evaluation of a released model, a report."""
+TAG_PARENT_RUN = "mlflow.parentRunId"
+"""MLflow's own tag of a child run: every run of a launched sweep is a child of the sweep's parent run."""
+KINDS = ("tokenizer", "var", "eval", "analysis", "sweep")
+"""Values of ``var_lab.kind``: a tokenizer or VAR training run, an evaluation of a released model, a report, and
+the parent run of a sweep (its points are its children; the analysis report is logged to it)."""
 
 # ----------------------------------------------------------------------------------------------------------- params
 #: params every VAR training run logs (``var_lab.models.VAR.scaling_metadata`` and the training module)

@@ -16,7 +16,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -87,8 +87,18 @@ def instantiate_classes(specs: list[dict[str, Any]], base: type, key: str) -> li
     return made
 
 
-def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks: list, command: str = "var-lab fit"):
+def make_trainer(
+    trainer_cfg: TrainerConfig,
+    output_dir: Path,
+    logger,
+    callbacks: list,
+    command: str = "var-lab fit",
+    gradient_clip_val: Optional[float] = None,
+):
     """A Lightning Trainer from the config, with checkpoints in ``output_dir/checkpoints``.
+
+    ``gradient_clip_val`` (the global gradient norm, ``optim.grad_clip``) is the Trainer's own clipping, so that a
+    strategy that shards the gradients (FSDP) computes the norm over all shards; None or 0 does not clip.
 
     Where stdout is not a terminal (a SLURM or sweep log), the progress bar gives way to a text line every
     ``trainer.text_progress_every_n_steps`` steps (:class:`var_lab.callbacks.progress.TextProgress`).
@@ -151,6 +161,8 @@ def make_trainer(trainer_cfg: TrainerConfig, output_dir: Path, logger, callbacks
         check_val_every_n_epoch=trainer_cfg.check_val_every_n_epoch,
         log_every_n_steps=trainer_cfg.log_every_n_steps,
         accumulate_grad_batches=trainer_cfg.accumulate_grad_batches,
+        gradient_clip_val=gradient_clip_val or None,
+        gradient_clip_algorithm="norm",
         deterministic=trainer_cfg.deterministic,
         enable_progress_bar=trainer_cfg.enable_progress_bar and terminal,
         logger=loggers or False,  # MLflow first: self.logger is the one var-lab reads
@@ -389,7 +401,9 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
         # First: it updates the average after each step before anything saves that step (exact resume).
         callbacks.insert(0, EMAWeightAveraging(decay=cfg.optim.ema_decay))
     preemption = PreemptionCallback(output_dir / "checkpoints")
-    trainer = make_trainer(cfg.trainer, output_dir, logger, [*callbacks, preemption])
+    trainer = make_trainer(
+        cfg.trainer, output_dir, logger, [*callbacks, preemption], gradient_clip_val=cfg.optim.grad_clip
+    )
     if ckpt_path and trainer.global_rank == 0:
         print(f"var-lab fit: resuming from {ckpt_path}")
     _fit_until_done_or_preempted(trainer, module, datamodule, ckpt_path, preemption, logger, output_dir / "checkpoints")

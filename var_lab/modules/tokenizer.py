@@ -264,9 +264,9 @@ class TokenizerModule(L.LightningModule):
         path = out_dir / f"reconstruction_step{self.global_step:07d}.png"
         save_image(torch.cat([img, rec]).add(1).mul(0.5), path, nrow=img.shape[0])
         logger = self.logger
-        if logger is not None and hasattr(logger, "log_artifact"):
+        if logger is not None and hasattr(logger, "log_image"):
             try:
-                logger.log_artifact(str(path), "samples")  # spooled while the store is down
+                logger.log_image(path, key="reconstructions", step=self.global_step)  # spooled while the store is down
             except Exception as exc:  # noqa: BLE001 - artifacts never stop training
                 self.print(f"warning: could not log {path} to MLflow: {exc}")
 

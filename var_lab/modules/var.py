@@ -251,9 +251,9 @@ class VARModule(L.LightningModule):
         path = out_dir / f"samples_step{self.global_step:07d}.png"
         save_image(img_B3HW, path, nrow=per_class * 2)
         logger = self.logger
-        if logger is not None and hasattr(logger, "log_artifact"):
+        if logger is not None and hasattr(logger, "log_image"):
             try:
-                logger.log_artifact(str(path), "samples")  # spooled while the store is down
+                logger.log_image(path, key="samples", step=self.global_step)  # spooled while the store is down
             except Exception as exc:  # noqa: BLE001 - an artifact must never stop training
                 self.print(f"warning: could not log {path} to MLflow: {exc}")
         return path
@@ -300,10 +300,10 @@ class VARModule(L.LightningModule):
         self.log("opt/weight_decay", wd, batch_size=1)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        clip = self.cfg.optim.grad_clip
-        params = [p for p in self.var.parameters() if p.grad is not None]
-        max_norm = clip if clip and clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm)
+        # Lightning calls this after unscaling and before its own clipping (Trainer gradient_clip_val =
+        # optim.grad_clip), so this is the norm before clipping, what the release logs.
+        grads = [p.grad for p in self.var.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads)
         # A non-finite gradient would write NaN weights into the next checkpoint; fp16's grad scaler skips such steps.
         if str(self.trainer.precision) != "16-mixed" and not torch.isfinite(grad_norm):
             raise FloatingPointError(

@@ -383,6 +383,8 @@ def expand(
     if sweep.analyze is not None:
         out = Path(sweep.analyze.out).expanduser().resolve() if sweep.analyze.out else sweep_dir / "report"
         argv = ["analyze", "--tracking-uri", tracking_uri, "--experiment", sweep.experiment, "--out", str(out)]
+        if "--log-to-mlflow" not in sweep.analyze.args:
+            argv.append("--log-to-mlflow")  # the report and plots go to the sweep's parent run
         resources = _stage_resources(sweep, sweep.analyze.resources, "analyze.resources", cpu_only=True)
         tasks.append(
             Task(

@@ -212,10 +212,13 @@ class Launcher(ProcessBackend, TorchrunBackend, SlurmBackend):
 
     def prepare_tracking(self) -> None:
         """Create the tracking store and the experiment before any parallel process touches them."""
-        from var_lab.tracking import ensure_store, get_or_create_experiment
+        from var_lab.tracking import ensure_store, get_or_create_sweep_run
 
         ensure_store(self.plan.tracking_uri)
-        get_or_create_experiment(self.plan.tracking_uri, self.plan.experiment)
+        # The sweep's parent run: every point's run becomes its child, and the analysis report is logged to it.
+        points = ", ".join(t.point or t.name for t in self.plan.tasks if t.stage == "run")
+        note = f"var-lab sweep `{self.sweep.name}` ({self.sweep.source}): {points}"
+        get_or_create_sweep_run(self.plan.tracking_uri, self.plan.experiment, self.sweep.name, note)
 
     def write_configs(self, decisions: dict) -> None:
         """Write config.yaml of the fits about to start; refuse to change a started run's config."""

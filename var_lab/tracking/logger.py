@@ -24,7 +24,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from mlflow.tracking import MlflowClient
 
-from var_lab.contract import KINDS, TAG_KIND, TAG_POINT, TAG_SWEEP
+from var_lab.contract import KINDS, TAG_KIND, TAG_PARENT_RUN, TAG_POINT, TAG_SWEEP
 from var_lab.tracking.spool import SPOOL_FILENAME, DeliveryReport, Spool, deliver_records
 from var_lab.tracking.store import (
     RUN_ID_FILENAME,
@@ -37,6 +37,7 @@ from var_lab.tracking.store import (
     _read_run_id_quietly,
     default_artifact_root,
     ensure_store,
+    find_sweep_run,
     get_or_create_experiment,
     normalize_tracking_uri,
     read_run_id,
@@ -169,6 +170,7 @@ class ResilientMLFlowLogger(MLFlowLogger):
                     self._experiment_id = get_or_create_experiment(
                         self._tracking_uri, self._experiment_name, self._artifact_root
                     )
+                    self._adopt_sweep_parent()
                 except Exception as exc:
                     if _is_transient(exc):
                         raise self._unreachable_error(exc) from exc
@@ -197,6 +199,16 @@ class ResilientMLFlowLogger(MLFlowLogger):
             if _read_run_id_quietly(self.run_id_file) != self._run_id:
                 write_run_id(self.run_id_file, self._run_id)
             return client
+
+    def _adopt_sweep_parent(self) -> None:
+        """A new run of a launched sweep becomes a child of the sweep's parent run (made by ``sweep launch``)."""
+        tags = self.tags if self.tags is not None else {}
+        sweep = tags.get(TAG_SWEEP)
+        if not sweep or TAG_PARENT_RUN in tags or tags.get(TAG_KIND) == "sweep":
+            return
+        parent = find_sweep_run(self._tracking_uri, self._experiment_id, sweep)
+        if parent is not None:
+            self.tags = {**tags, TAG_PARENT_RUN: parent}
 
     def _unreachable_error(self, exc: BaseException) -> RuntimeError:
         return RuntimeError(
@@ -303,6 +315,16 @@ class ResilientMLFlowLogger(MLFlowLogger):
         if not path.exists():
             raise FileNotFoundError(f"artifact {path} does not exist")
         self._emit([self._record("artifact", path=str(path.resolve()), artifact_path=artifact_path)])
+
+    @rank_zero_only
+    def log_image(self, local_path: Union[str, Path], key: str, step: int) -> None:
+        """Log a PNG as MLflow's image ``key`` at ``step`` (``MlflowClient.log_image``; spooled while the store is
+        down). The MLflow UI shows a key's images over the steps."""
+        path = Path(local_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} does not exist")
+        record = self._record("artifact", path=str(path.resolve()), image_key=key, step=int(step), timestamp=_now_ms())
+        self._emit([record])
 
     def flush(self) -> DeliveryReport:
         """Try to deliver the spool now (whatever the retry interval). Returns the delivery report."""

@@ -95,7 +95,16 @@ def _send(client: MlflowClient, records: list[dict]) -> None:
             client.set_terminated(run_id, head["status"], end_time=head.get("end_time"))
     elif kind == "artifact":
         path = Path(head["path"])
-        if path.is_dir():
+        if head.get("image_key"):
+            # MLflow's image with a step (its UI shows the grids of a key as a step slider)
+            from PIL import Image
+
+            with Image.open(path) as image:
+                client.log_image(
+                    run_id, image.convert("RGB"), key=head["image_key"], step=int(head.get("step") or 0),
+                    timestamp=head.get("timestamp"), synchronous=True,
+                )  # fmt: skip
+        elif path.is_dir():
             client.log_artifacts(run_id, str(path), head.get("artifact_path"))
         else:
             client.log_artifact(run_id, str(path), head.get("artifact_path"))

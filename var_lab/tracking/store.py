@@ -255,6 +255,43 @@ def get_or_create_experiment(uri: str, name: str, artifact_root: Optional[Union[
         return experiment.experiment_id
 
 
+def _sweep_run_filter(sweep: str) -> str:
+    from var_lab.contract import TAG_KIND, TAG_SWEEP
+
+    return f"tags.`{TAG_KIND}` = 'sweep' and tags.`{TAG_SWEEP}` = '{sweep}'"
+
+
+def find_sweep_run(uri: str, experiment_id: str, sweep: str) -> Optional[str]:
+    """The id of sweep ``sweep``'s parent run in an experiment (the oldest, should there be two), or None."""
+    runs = MlflowClient(normalize_tracking_uri(uri)).search_runs(
+        [experiment_id], filter_string=_sweep_run_filter(sweep), order_by=["attributes.start_time ASC"], max_results=1
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def get_or_create_sweep_run(uri: str, experiment: str, sweep: str, description: str = "") -> str:
+    """The parent run of sweep ``sweep`` (``var_lab.kind=sweep``), created when missing and marked RUNNING.
+
+    ``var-lab sweep launch`` calls it once before any point starts, so each point's logger finds it and becomes its
+    child (MLflow's ``mlflow.parentRunId`` tag); a relaunch reuses it. ``var-lab analyze`` logs the report to it.
+    """
+    from var_lab.contract import TAG_KIND, TAG_SWEEP
+
+    uri = normalize_tracking_uri(uri)
+    experiment_id = get_or_create_experiment(uri, experiment)
+    client = MlflowClient(uri)
+    with _store_lock(uri):
+        run_id = find_sweep_run(uri, experiment_id, sweep)
+        if run_id is None:
+            tags = {TAG_KIND: "sweep", TAG_SWEEP: sweep}
+            if description:
+                tags["mlflow.note.content"] = description
+            return client.create_run(experiment_id, tags=tags, run_name=f"sweep {sweep}").info.run_id
+    if client.get_run(run_id).info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")  # launched again: points are running under it
+    return run_id
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------------------------
