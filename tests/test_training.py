@@ -276,10 +276,16 @@ def test_lightning_callbacks_and_loggers_by_class_path_beside_mlflow(tmp_path, f
     run = MlflowClient(uri).get_run((tmp_path / "run" / "mlflow_run_id").read_text().strip())
     assert "train/loss" in run.data.metrics and "lr-AdamW/pg1" in run.data.metrics  # MLflow still gets everything
 
-    # A class that is not there, or not a logger: one line naming the entry, and no training.
+    # A class that is not there, not a logger, or init_args its constructor refuses: one line naming the entry,
+    # refused by jsonargparse before any folder or MLflow run is made.
+    runs_before = len(MlflowClient(uri).search_runs([run.info.experiment_id]))
     for spec, message in (
         ({"class_path": "lightning.pytorch.loggers.NoSuchLogger"}, "trainer.logger[0].class_path="),
-        ({"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}, "is not a lightning.pytorch.loggers"),
+        ({"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}, "does not correspond to a subclass of"),
+        (
+            {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dri": "x"}},
+            "'save_dri' is not accepted",
+        ),
     ):
         config["trainer"]["logger"] = [spec]
         config["output_dir"] = str(tmp_path / "bad")
@@ -287,8 +293,9 @@ def test_lightning_callbacks_and_loggers_by_class_path_beside_mlflow(tmp_path, f
         capsys.readouterr()
         assert cli_main(["fit", "--config", str(tmp_path / "bad.yaml")]) != 0
         err = capsys.readouterr().err
-        assert message in err and "Traceback" not in err, err
-        assert not list((tmp_path / "bad").glob("checkpoints/*.ckpt"))
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "bad").exists()
+    assert len(MlflowClient(uri).search_runs([run.info.experiment_id])) == runs_before
 
 
 class ClipProbe(L.Callback):

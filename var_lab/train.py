@@ -60,30 +60,60 @@ def resolve_precision(trainer_cfg: TrainerConfig) -> str:
     return "bf16-mixed" if wants_gpu else "32-true"
 
 
-def instantiate_classes(specs: list[dict[str, Any]], base: type, key: str) -> list[Any]:
-    """``trainer.callbacks`` / ``trainer.logger`` entries ``{class_path, init_args}`` -> instances of ``base``.
+def _parse_class_specs(specs: list[dict[str, Any]], base: type, key: str) -> list[Any]:
+    """Each ``{class_path, init_args}`` entry checked by jsonargparse (its own class_path mechanism, as in
+    LightningCLI): the class imports, is a ``base`` subclass, and its constructor accepts init_args with their types.
+    Returns jsonargparse's parsed entries, one per spec; nothing is instantiated.
 
     Raises:
-        BadInputError: naming the entry, when its class cannot be imported, is not a ``base``, or refuses init_args.
+        BadInputError: one line naming the entry, what jsonargparse found wrong, and the fix.
     """
-    import importlib
+    from jsonargparse import ArgumentError, ArgumentParser
 
-    made = []
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--items", type=list[base])
+    parsed = []
     for i, spec in enumerate(specs):
-        where, path = f"{key}[{i}]", spec["class_path"]
-        module_name, _, name = path.rpartition(".")
         try:
-            cls = getattr(importlib.import_module(module_name), name)
-        except (ImportError, AttributeError) as err:
+            parsed.append((parser, parser.parse_object({"items": [spec]})))
+        except ArgumentError as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            why = "; ".join(line for line in lines if not line.startswith('Parser key "items"')).replace(":;", ":")
             raise BadInputError(
-                f"{where}.class_path={path!r} cannot be imported ({err}); give the dotted name of an installed class"
+                f"{key}[{i}].class_path={spec.get('class_path')!r}: {why} (give the dotted name of an installed "
+                f"{base.__module__}.{base.__name__} subclass and its constructor's arguments as init_args)"
             ) from None
-        if not (isinstance(cls, type) and issubclass(cls, base)):
-            raise BadInputError(f"{where}.class_path={path!r} is not a {base.__module__}.{base.__name__} subclass")
+    return parsed
+
+
+def check_class_specs(trainer_cfg: TrainerConfig) -> None:
+    """Pre-flight of ``trainer.callbacks`` / ``trainer.logger``: a bad entry is refused before any folder or MLflow run
+    is made (:func:`_parse_class_specs`)."""
+    if not (trainer_cfg.callbacks or trainer_cfg.logger):
+        return
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import Logger
+
+    _parse_class_specs(trainer_cfg.callbacks, Callback, "trainer.callbacks")
+    _parse_class_specs(trainer_cfg.logger, Logger, "trainer.logger")
+
+
+def instantiate_classes(specs: list[dict[str, Any]], base: type, key: str) -> list[Any]:
+    """``trainer.callbacks`` / ``trainer.logger`` entries ``{class_path, init_args}`` -> instances of ``base``, made
+    by jsonargparse.
+
+    Raises:
+        BadInputError: naming the entry, when jsonargparse refuses it or its constructor fails.
+    """
+    made = []
+    for i, (parser, namespace) in enumerate(_parse_class_specs(specs, base, key)):
+        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in 4.49
         try:
-            made.append(cls(**spec.get("init_args", {})))
-        except (TypeError, ValueError, ImportError) as err:
-            raise BadInputError(f"{where}: {name}(**init_args) failed: {err}; fix {where}.init_args") from None
+            made.extend(instantiate(namespace)["items"])
+        except (TypeError, ValueError, ImportError, OSError) as err:
+            raise BadInputError(
+                f"{key}[{i}]: {specs[i]['class_path']}(**init_args) failed: {err}; fix {key}[{i}].init_args"
+            ) from None
     return made
 
 
@@ -264,6 +294,7 @@ def check_fit_inputs(cfg: FitConfig) -> None:
     check_patch_schedule(cfg.tokenizer, cfg.data)
     if cfg.tokenizer_ckpt:
         check_checkpoint_file(cfg.tokenizer_ckpt, "tokenizer_ckpt", TOKENIZER_CKPT_FIX)
+    check_class_specs(cfg.trainer)
     check_run_paths(cfg)
 
 
@@ -272,6 +303,7 @@ def check_fit_tokenizer_inputs(cfg: FitTokenizerConfig) -> None:
     if cfg.data.name == "tokens":
         raise BadInputError("fit-tokenizer trains on images: data.name must be fashion_mnist or folder, not tokens")
     check_patch_schedule(cfg.tokenizer, cfg.data)
+    check_class_specs(cfg.trainer)
     check_run_paths(cfg)
 
 
