@@ -357,6 +357,14 @@ def _case(world: dict, name: str, tmp_path: Path) -> tuple[list[str], list[str]]
             ["sample", "--checkpoint", str(text)],
             [f"--checkpoint {text} is not a checkpoint: a text file", "written by `var-lab fit`"],
         ),
+        "sample-image-without-mask": (
+            ["sample", "--checkpoint", ckpt, "--image", str(text)],
+            ["var-lab sample: error: --image and --mask go together"],
+        ),
+        "sample-image-not-an-image": (
+            ["sample", "--checkpoint", ckpt, "--image", str(text), "--mask", "center"],
+            [f"--image {text}: not a readable image", "give a PNG or JPEG file"],
+        ),
         "eval-text-checkpoint": (
             ["eval", "--checkpoint", str(text), "--no-mlflow"],
             [f"var-lab eval: error: --checkpoint {text} is not a checkpoint", "RUN/checkpoints/last.ckpt"],
@@ -450,7 +458,8 @@ def _case(world: dict, name: str, tmp_path: Path) -> tuple[list[str], list[str]]
 
 
 BAD_INPUT_CASES = [
-    "sample-missing-checkpoint", "sample-text-checkpoint", "eval-text-checkpoint", "fit-text-tokenizer",
+    "sample-missing-checkpoint", "sample-text-checkpoint", "sample-image-without-mask", "sample-image-not-an-image",
+    "eval-text-checkpoint", "fit-text-tokenizer",
     "fit-text-resume", "fit-tokenizer-text-resume", "tokenize-text-tokenizer", "config-is-a-folder",
     "config-is-empty", "eval-zero-samples", "eval-negative-samples", "fit-output-under-a-file",
     "fit-output-unwritable", "fit-output-is-a-file", "tokenize-output-under-a-file", "analyze-output-is-a-file",

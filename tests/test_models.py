@@ -133,6 +133,45 @@ def test_same_seed_same_samples_and_different_seed_differs():
     assert torch.equal(logits.argmax(-1), torch.cat(idx_list, dim=1))
 
 
+def test_editing_keeps_the_known_tokens_at_every_scale_and_samples_the_rest():
+    """Zero-shot in-painting (the paper's editing): the kept region's tokens are teacher-forced at every scale."""
+    from var_lab.models.var import token_masks
+
+    vqvae = tiny_vqvae()
+    var = tiny_var(vqvae)
+    img = torch.rand(2, 3, 32, 32)
+    keep = torch.ones(2, 1, 32, 32)
+    keep[:, :, 8:24, 8:24] = 0  # in-paint the centre
+    keep[1] = 0
+    keep[1, :, :, :16] = 1  # out-paint the right half of the second image
+    masks = token_masks(keep, PATCH_NUMS)
+    assert [m.shape for m in masks] == [(2, p * p) for p in PATCH_NUMS]
+    assert not masks[0].any()  # the 1x1 scale straddles the hole: sampled
+    # at 8x8 a token covers 4x4 pixels: exactly the cells outside the hole are kept
+    assert masks[-1][0].view(8, 8)[2:6, 2:6].sum() == 0 and masks[-1][0].sum() == 64 - 16
+    assert masks[-1][1].view(8, 8)[:, :4].all() and not masks[-1][1].view(8, 8)[:, 4:].any()
+    with torch.no_grad():
+        known = vqvae.eval().img_to_idx(img * 2 - 1)
+    labels = torch.tensor([3, 4])
+    for seed in (0, 1):
+        idx_list, _ = var.sample_tokens(
+            labels, top_k=0, top_p=0.0, generator=torch.Generator().manual_seed(seed), known_idx=known, known_mask=masks
+        )
+        for k, (idx, ref, m) in enumerate(zip(idx_list, known, masks)):
+            assert torch.equal(idx[m], ref[m]), f"scale {k}: a known token changed"
+        if seed == 0:
+            first = [t.clone() for t in idx_list]
+    changed = sum(int((a != b)[~m].sum()) for a, b, m in zip(first, idx_list, masks))
+    assert changed > 0  # the unknown tokens are sampled (another seed, other tokens)
+    assert all(torch.equal(a[m], b[m]) for a, b, m in zip(first, idx_list, masks))
+    out = var.edit(img, keep, labels, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 32, 32) and torch.equal(out * keep, img * keep)  # the kept pixels pasted back
+    raw = var.edit(img, keep, labels, generator=torch.Generator().manual_seed(0), composite=False)
+    assert torch.equal(raw * (1 - keep), out * (1 - keep))
+    with pytest.raises(ValueError, match="go together"):
+        var.sample_tokens(labels, known_idx=known)
+
+
 def test_top_k_top_p_filter():
     logits = torch.log(torch.tensor([[[0.5, 0.3, 0.15, 0.05]]]))
     kept = filter_top_k_top_p_(logits.clone(), top_k=3).isfinite()

@@ -242,6 +242,20 @@ def test_ema_of_the_weights_is_validated_checkpointed_and_chosen_by_eval_and_sam
         argv = ["sample", "--checkpoint", str(last), "--classes", "0", "--per-class", "1", "--out", str(out)]
         assert cli_main([*argv, "--model-weights", weights, "--device", "cpu"]) == 0
         assert (out / "grid.png").is_file()
+    # zero-shot editing from the command line: a preset (out-paint the border) and a mask file (in-paint)
+    from PIL import Image
+
+    Image.fromarray((torch.rand(28, 28) * 255).to(torch.uint8).numpy()).save(tmp_path / "image.png")
+    hole = torch.zeros(32, 32, dtype=torch.uint8)
+    hole[8:24, 8:24] = 255
+    Image.fromarray(hole.numpy()).save(tmp_path / "hole.png")
+    for mask in ("border", str(tmp_path / "hole.png")):
+        out = tmp_path / "edits"
+        argv = ["sample", "--checkpoint", str(last), "--image", str(tmp_path / "image.png"), "--mask", mask]
+        assert cli_main([*argv, "--classes", "0", "1", "--per-class", "2", "--out", str(out), "--device", "cpu"]) == 0
+        assert len(list((out / "images").glob("*_edit.png"))) == 4
+        with Image.open(out / "grid.png") as grid:  # 2 rows (classes) of image, masked image and 2 edits
+            assert grid.size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)
     with pytest.raises(InvalidValueError, match=r"ema_decay=1.0 is invalid: it must be a number in \[0, 1\)"):
         OptimConfig(ema_decay=1.0)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Optional
 
@@ -349,8 +350,14 @@ class VAR(nn.Module):
         top_k: int = 900,
         top_p: float = 0.96,
         generator: Optional[torch.Generator] = None,
+        known_idx: Optional[list[torch.Tensor]] = None,
+        known_mask: Optional[list[torch.Tensor]] = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Scale-by-scale sampling with a KV cache and classifier-free guidance.
+
+        With ``known_idx`` and ``known_mask`` (zero-shot editing, the paper's in-/out-painting), the tokens of the known
+        region are teacher-forced at every scale: wherever ``known_mask[k]`` is true, scale k keeps ``known_idx[k]``
+        instead of its sample, and the next scales are conditioned on it; the rest is sampled.
 
         Args:
             labels_B: class labels (B,); a label equal to ``num_classes`` samples unconditionally.
@@ -358,10 +365,16 @@ class VAR(nn.Module):
             top_k: top-k filter (0: off).
             top_p: top-p filter (0: off).
             generator: a torch.Generator on the model's device for reproducible samples.
+            known_idx: per scale, the token indices of the given image (B, p * p) (``VQVAE.img_to_idx``).
+            known_mask: per scale, which of them to keep (B, p * p) bool (:func:`token_masks`).
 
         Returns:
             idx_list (token indices per scale, each (B, p * p)) and the final latent f_hat (B, Cvae, H, W).
         """
+        if (known_idx is None) != (known_mask is None):
+            raise ValueError("known_idx and known_mask go together")
+        if known_idx is not None and not (len(known_idx) == len(known_mask) == len(self.patch_nums)):
+            raise ValueError(f"known_idx and known_mask need one tensor per scale ({len(self.patch_nums)})")
         vqvae = self.vqvae
         if vqvae is None:
             raise RuntimeError("this VAR has no tokenizer attached: call attach_tokenizer(vqvae) first")
@@ -391,6 +404,9 @@ class VAR(nn.Module):
                     x_2BlC = block(x_2BlC, cond, None, cache)
                 logits_BlV = guided_logits(self.get_logits(x_2BlC, cond_2BD), cfg_ratio(cfg, si, K))
                 idx_Bl = sample_top_k_top_p(logits_BlV, top_k=top_k, top_p=top_p, generator=generator)
+                if known_idx is not None:
+                    keep_Bl = known_mask[si].to(device=device, dtype=torch.bool)
+                    idx_Bl = torch.where(keep_Bl, known_idx[si].to(device=device, dtype=idx_Bl.dtype), idx_Bl)
                 idx_list.append(idx_Bl)
                 h_BlCv = quantizer.embedding(idx_Bl)
                 h_BCpp = h_BlCv.transpose(1, 2).reshape(B, self.Cvae, pn, pn)
@@ -420,6 +436,68 @@ class VAR(nn.Module):
         with self._eval_mode():
             img_B3HW = vqvae.fhat_to_img(f_hat_BChw.to(vqvae.post_quant_conv.weight.dtype))
         return img_B3HW.float().add_(1).mul_(0.5)
+
+    @torch.no_grad()
+    def edit(
+        self,
+        img_B3HW: torch.Tensor,
+        keep_B1HW: torch.Tensor,
+        labels_B: torch.Tensor,
+        cfg: float = 1.5,
+        top_k: int = 900,
+        top_p: float = 0.96,
+        generator: Optional[torch.Generator] = None,
+        composite: bool = True,
+    ) -> torch.Tensor:
+        """Zero-shot in-painting, out-painting or class-conditional editing of images.
+
+        The image's tokens (every scale) inside the kept region are teacher-forced and the rest is sampled for
+        ``labels_B``: keep the border to in-paint a hole, keep the centre to out-paint, keep everything but an object
+        and give another class to edit it.
+
+        Args:
+            img_B3HW: images in [0, 1] at the tokenizer's resolution.
+            keep_B1HW: 1 where the image is kept, 0 where it is generated (any float in [0, 1]; a token is kept only
+                when its whole cell is kept, see :func:`token_masks`).
+            labels_B: class labels (B,) of what to generate.
+            cfg, top_k, top_p, generator: as in ``sample_tokens``.
+            composite: paste the given pixels back where ``keep_B1HW`` is 1 (the coarse scales that straddle the
+                boundary are sampled, so the decoded known region is close to, not equal to, the input).
+
+        Returns:
+            Images (B, 3, H, W) in [0, 1].
+        """
+        vqvae = self.vqvae
+        if vqvae is None:
+            raise RuntimeError("this VAR has no tokenizer attached: call attach_tokenizer(vqvae) first")
+        device = self.pos_1LC.device
+        with self._eval_mode():
+            known_idx = vqvae.img_to_idx(img_B3HW.to(device).mul(2).sub(1))
+        known_mask = token_masks(keep_B1HW.to(device), self.patch_nums)
+        _, f_hat_BChw = self.sample_tokens(
+            labels_B, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator, known_idx=known_idx, known_mask=known_mask
+        )
+        with self._eval_mode():
+            out_B3HW = vqvae.fhat_to_img(f_hat_BChw.to(vqvae.post_quant_conv.weight.dtype)).float().add_(1).mul_(0.5)
+        if composite:
+            keep = keep_B1HW.to(out_B3HW).clamp(0, 1)
+            out_B3HW = keep * img_B3HW.to(out_B3HW) + (1 - keep) * out_B3HW
+        return out_B3HW
+
+
+def token_masks(keep_B1HW: torch.Tensor, patch_nums: Sequence[int]) -> list[torch.Tensor]:
+    """Which token of each scale lies wholly in the kept region: (B, 1, H, W) in [0, 1] -> list of (B, p * p) bool.
+
+    A token of a p x p scale covers an H/p x W/p cell of the image; it is known only when the whole cell is kept
+    (area average 1), so every pixel to generate is generated at every scale.
+    """
+    if keep_B1HW.dim() != 4 or keep_B1HW.shape[1] != 1:
+        raise ValueError(f"keep mask must be (B, 1, H, W), got {tuple(keep_B1HW.shape)}")
+    keep = keep_B1HW.float()
+    return [
+        (F.interpolate(keep, size=(pn, pn), mode="area") >= 1 - 1e-6).reshape(keep.shape[0], pn * pn)
+        for pn in patch_nums
+    ]
 
 
 def loss_per_token(logits_BLV: torch.Tensor, target_BL: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
