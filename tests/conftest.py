@@ -85,3 +85,45 @@ def fid_weights_path(converted_weights, tmp_path, monkeypatch):
     target.symlink_to(converted_weights)
     monkeypatch.setenv("TORCH_HOME", str(home))
     return target
+
+
+# -- exit watchdog ---------------------------------------------------------------------------------------------------
+#: seconds the pytest process may take to exit after its summary before the watchdog reports what holds it
+EXIT_GRACE_S = float(os.environ.get("VAR_LAB_TEST_EXIT_GRACE_S", "120"))
+_exit_status = {"code": 0}
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _exit_status["code"] = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    """After the summary, the interpreter still joins non-daemon threads and runs atexit handlers: a thread or child
+    process leaked by a library (an MLflow async-logging worker waiting on a dead server, a multiprocessing child) would
+    keep the process, and CI, waiting without a word. A daemon timer prints every thread's stack and the live child
+    processes after EXIT_GRACE_S seconds and exits with the session's own status."""
+    import faulthandler
+    import sys
+    import threading
+    import time
+
+    def watchdog():
+        time.sleep(EXIT_GRACE_S)
+        print(
+            f"\n[conftest] pytest has not exited {EXIT_GRACE_S:.0f} s after its summary; what holds it:",
+            file=sys.stderr,
+        )
+        for thread in threading.enumerate():
+            print(f"[conftest]   thread {thread.name} daemon={thread.daemon}", file=sys.stderr)
+        try:
+            import psutil
+
+            for child in psutil.Process().children(recursive=True):
+                print(f"[conftest]   child {child.pid}: {' '.join(child.cmdline())[:300]}", file=sys.stderr)
+        except Exception:  # noqa: BLE001 - diagnostics only
+            pass
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(_exit_status["code"])
+
+    threading.Thread(target=watchdog, name="var-lab-exit-watchdog", daemon=True).start()
