@@ -310,7 +310,7 @@ Precision = Literal[
 #: Lightning's registered strategy names that var-lab runs with
 Strategy = Literal[
     "auto", "ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false", "ddp_spawn", "ddp_fork",
-    "ddp_notebook", "fsdp", "fsdp_cpu_offload", "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2",
+    "ddp_notebook", "fsdp", "fsdp2", "fsdp_cpu_offload", "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2",
     "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload", "single_device",
 ]  # fmt: skip
 
@@ -326,7 +326,10 @@ class TrainerConfig(Section):
     num_nodes: int = 1
     """Number of nodes."""
     strategy: Strategy = "auto"
-    """Lightning strategy: auto, ddp, ddp_find_unused_parameters_true, fsdp, ..."""
+    """Lightning strategy: auto, ddp, ddp_find_unused_parameters_true, fsdp, ... ``fsdp2`` is var-lab's large-model
+    path: PyTorch's FSDP2 (``fully_shard``) through Lightning's ModelParallelStrategy, each VAR block one shard unit
+    and the rest of the transformer the root unit; checkpoints are gathered into one full file on rank 0 (the usual
+    format, which ``var-lab export`` turns into the released one). It also runs on CPUs over gloo."""
     precision: Optional[Precision] = None
     """Lightning precision; None means bf16-mixed on CUDA and 32-true on CPU."""
     max_epochs: int = 1

@@ -117,6 +117,25 @@ def instantiate_classes(specs: list[dict[str, Any]], base: type, key: str) -> li
     return made
 
 
+def _world_size(trainer_cfg: TrainerConfig) -> int:
+    """Processes of a run: devices per node (resolved as Lightning does for a count, a list, "0,1", -1 or "auto") x
+    nodes. ModelParallelStrategy needs it as its data-parallel size ("auto" there means the number of nodes)."""
+    import torch
+
+    devices = trainer_cfg.devices
+    if isinstance(devices, str) and devices.strip() not in ("auto", "-1"):
+        parts = [p for p in devices.split(",") if p.strip()]
+        devices = len(parts) if len(parts) > 1 or devices.strip().endswith(",") else int(parts[0])
+    if isinstance(devices, (list, tuple)):
+        per_node = len(devices)
+    elif devices in ("auto", "-1", -1):
+        on_gpu = trainer_cfg.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+        per_node = torch.cuda.device_count() if on_gpu else 1
+    else:
+        per_node = int(devices)
+    return per_node * trainer_cfg.num_nodes
+
+
 def make_trainer(
     trainer_cfg: TrainerConfig,
     output_dir: Path,
@@ -180,11 +199,20 @@ def make_trainer(
     terminal = sys.stdout.isatty()
     if not terminal and trainer_cfg.text_progress_every_n_steps:
         callbacks = [*callbacks, TextProgress(trainer_cfg.text_progress_every_n_steps, prefix=command)]
+    strategy: Any = trainer_cfg.strategy
+    if strategy == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        # FSDP2 over every process (no tensor parallelism); the module shards itself in configure_model. One full
+        # checkpoint file gathered on rank 0 keeps resume, eval and export on the usual path.
+        strategy = ModelParallelStrategy(
+            data_parallel_size=_world_size(trainer_cfg), tensor_parallel_size=1, save_distributed_checkpoint=False
+        )
     kwargs: dict[str, Any] = dict(
         accelerator=trainer_cfg.accelerator,
         devices=trainer_cfg.devices,
         num_nodes=trainer_cfg.num_nodes,
-        strategy=trainer_cfg.strategy,
+        strategy=strategy,
         precision=resolve_precision(trainer_cfg),
         max_epochs=trainer_cfg.max_epochs,
         max_steps=trainer_cfg.max_steps,
@@ -295,6 +323,13 @@ def check_fit_inputs(cfg: FitConfig) -> None:
     if cfg.tokenizer_ckpt:
         check_checkpoint_file(cfg.tokenizer_ckpt, "tokenizer_ckpt", TOKENIZER_CKPT_FIX)
     check_class_specs(cfg.trainer)
+    if cfg.trainer.strategy == "fsdp2":
+        for key, on in (("eval.every_n_epochs", cfg.eval.every_n_epochs > 0), ("optim.ema_decay", cfg.optim.ema_decay)):
+            if on:
+                raise BadInputError(
+                    f"{key} is not supported with trainer.strategy=fsdp2 (a sharded transformer); drop it and "
+                    "evaluate the checkpoints with `var-lab eval`, or train with trainer.strategy=ddp"
+                )
     check_run_paths(cfg)
 
 

@@ -111,6 +111,27 @@ class VARModule(L.LightningModule):
         return int(getattr(datamodule, "resolution", self.cfg.data.resolution))
 
     # ------------------------------------------------------------------ steps
+    @property
+    def sharded(self) -> bool:
+        """True when the transformer is sharded with FSDP2 (``trainer.strategy: fsdp2``)."""
+        return getattr(self, "_sharded", False)
+
+    def configure_model(self) -> None:
+        """``trainer.strategy: fsdp2``: shard the transformer with FSDP2, each block a unit (its parameters gathered
+        just for its forward and backward) and the embeddings and head the root unit; the frozen tokenizer is kept
+        whole on every rank. Other strategies: nothing to do."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self.sharded or self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for block in self.var.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(self.var, mesh=mesh)
+        self._sharded = True
+
     def setup(self, stage: str) -> None:
         if self.cfg.trainer.compile and not self._compiled:
             # Regional compilation: the repeated block's teacher-forcing path is compiled once and shared by every
@@ -231,7 +252,9 @@ class VARModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         every = self.cfg.tracking.sample_grid_every_n_val
-        if self.trainer.sanity_checking or every <= 0 or self.global_rank != 0:
+        # A sharded transformer samples on every rank (each block gathers its parameters from all of them); rank 0
+        # writes the grid.
+        if self.trainer.sanity_checking or every <= 0 or (self.global_rank != 0 and not self.sharded):
             return
         self._val_count += 1
         if (self._val_count - 1) % every == 0:
@@ -245,7 +268,15 @@ class VARModule(L.LightningModule):
         n_cls = min(classes, self.var.num_classes)
         labels_B = torch.arange(n_cls, device=self.device).repeat_interleave(per_class)
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed)
-        img_B3HW = self.var.sample(labels_B, cfg=1.5, top_k=900, top_p=0.96, generator=generator)
+        if self.sharded:  # the root unit's parameters (embeddings, head) are used outside var.forward
+            self.var.unshard()
+        try:
+            img_B3HW = self.var.sample(labels_B, cfg=1.5, top_k=900, top_p=0.96, generator=generator)
+        finally:
+            if self.sharded:
+                self.var.reshard()
+        if self.global_rank != 0:
+            return None
         out_dir = Path(self.cfg.output_dir) / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"samples_step{self.global_step:07d}.png"
