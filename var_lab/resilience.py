@@ -195,7 +195,11 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 def validation_follows(trainer: Any) -> bool:
     """True in ``on_train_batch_end`` when Lightning will validate right after this training step.
 
-    Asks the epoch loop the question it asks itself next (Lightning 2.x internals; False if they change).
+    Asks the epoch loop the question it asks itself next (Lightning 2.x internals; False if they change). Lightning
+    has no public hook or property for "a validation follows this step": ``on_validation_start`` comes after the
+    checkpoint callbacks, and recomputing the rule from ``val_check_interval`` would have to copy its special cases
+    (the last batch, ``max_steps``, iterable datasets, ``limit_val_batches``), a second copy that drifts. Probed by
+    ``tests/test_reliability.py``: a Lightning that changes these names fails the kill-during-validation test.
     """
     loop = trainer.fit_loop.epoch_loop
     try:
@@ -372,7 +376,9 @@ class PreemptionCallback(Callback):
 
     def _set_stop_flag(self, value: bool) -> None:
         # Lightning stops after the current step (or validation batch) when this flag is up; SIGTERM raises it by
-        # itself, SIGUSR1 does not outside SLURM.
+        # itself, SIGUSR1 does not outside SLURM. The public ``trainer.should_stop`` is not the same stop: it ends
+        # fit as if training were done (no SIGTERMException, so Lightning's teardown marks the run finished) and is
+        # ignored until min_steps; only the signal connector's flag gives Lightning's own preemption path.
         connector = getattr(self._trainer, "_signal_connector", None)
         if connector is not None and self.signum is not None:
             connector.received_sigterm = value
