@@ -387,3 +387,52 @@ def test_resumable_loader_replays_the_epoch_and_skips_what_was_trained(tmp_path)
         assert len(resumed) == len(whole)  # Lightning counts the skipped batches as fetched
         assert seen + [b[0].tolist() for b in resumed] == epochs[1]
         assert resumed.state_dict() == {"epoch": 1, "batches_done": 0}  # the epoch is over
+
+
+def test_validation_follows_predicts_lightnings_own_validation_steps(tmp_path):
+    """``validation_follows`` reads Lightning internals (no public hook says "a validation follows this step"): this
+    fails, rather than StepCheckpoint silently saving too early, when a Lightning release changes them."""
+    import lightning as L
+
+    from var_lab.resilience import validation_follows
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("v", self.layer(batch[0]).mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    class Probe(L.Callback):
+        predicted, validated = [], []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if validation_follows(trainer):
+                self.predicted.append(trainer.global_step)
+
+        def on_validation_start(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.validated.append(trainer.global_step)
+
+    data = torch.utils.data.TensorDataset(torch.randn(20, 2))
+    loader = torch.utils.data.DataLoader(data, batch_size=2)  # 10 steps an epoch
+    for interval, expected in ((3, [3, 6, 9, 12, 15, 18]), (None, [10, 20])):
+        Probe.predicted, Probe.validated = [], []
+        kwargs = {"val_check_interval": interval, "check_val_every_n_epoch": None} if interval else {}
+        trainer = L.Trainer(
+            max_steps=20, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[Probe()], default_root_dir=tmp_path, limit_val_batches=1, **kwargs,
+        )  # fmt: skip
+        trainer.fit(Tiny(), loader, loader)
+        assert Probe.validated[: len(Probe.predicted)] == Probe.predicted and Probe.predicted, (
+            interval,
+            Probe.__dict__,
+        )
+        assert Probe.validated == expected or Probe.validated == [s for s in expected if s != 20] + [20]

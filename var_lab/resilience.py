@@ -198,8 +198,8 @@ def validation_follows(trainer: Any) -> bool:
     Asks the epoch loop the question it asks itself next (Lightning 2.x internals; False if they change). Lightning
     has no public hook or property for "a validation follows this step": ``on_validation_start`` comes after the
     checkpoint callbacks, and recomputing the rule from ``val_check_interval`` would have to copy its special cases
-    (the last batch, ``max_steps``, iterable datasets, ``limit_val_batches``), a second copy that drifts. Probed by
-    ``tests/test_reliability.py``: a Lightning that changes these names fails the kill-during-validation test.
+    (the last batch, ``max_steps``, iterable datasets, ``limit_val_batches``), a second copy that drifts. Checked by
+    ``tests/test_reliability.py::test_validation_follows_predicts_lightnings_own_validation_steps``.
     """
     loop = trainer.fit_loop.epoch_loop
     try:
