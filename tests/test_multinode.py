@@ -84,8 +84,9 @@ axes:
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("mn")
     runs = client.search_runs([experiment.experiment_id])
-    assert len(runs) == 1
-    (run,) = runs
+    (parent,) = [r for r in runs if r.data.tags.get("var_lab.kind") == "sweep"]  # the sweep's parent run
+    (run,) = [r for r in runs if r.info.run_id != parent.info.run_id]
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert run.info.run_id == done["mlflow_run_id"] == (run_dir / "mlflow_run_id").read_text().strip()
     assert run.data.tags["var_lab.point"] == "depth=2" and run.data.tags["var_lab.sweep"] == "mn"
     assert run.data.params["train.global_batch"] == "16"

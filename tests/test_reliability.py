@@ -229,6 +229,36 @@ def test_sigterm_to_the_whole_process_group_stops_cleanly_with_dataloader_worker
     assert not (run_dir / "FAILED").exists()
 
 
+def test_a_process_that_exits_with_live_persistent_workers_does_not_hang(tmp_path):
+    """The workers ignore SIGTERM from the process group but not from their parent: Python's exit handler terminates
+    daemonic children and joins them, and a worker deaf to that kept its parent (a whole test session, once) waiting
+    forever. Here a script leaves a persistent loader's workers alive and exits; it must exit at once, cleanly."""
+    script = tmp_path / "leave_workers.py"
+    script.write_text(
+        f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+from test_data import make_image_folder
+from var_lab.config import DataConfig
+from var_lab.data.folders import ImageDataModule
+module = ImageDataModule(DataConfig(name="folder", root=str(make_image_folder(Path({str(tmp_path)!r}) / "imgs")),
+                                    batch_size=4, num_workers=2))
+module.setup("fit")
+loader = module.train_dataloader()
+batches = list(loader)  # persistent workers: alive after the epoch, until the loader goes
+import multiprocessing
+print("workers alive:", len(multiprocessing.active_children()), flush=True)
+"""
+    )
+    started = time.time()
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "workers alive: 2" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert time.time() - started < 60 and "DataLoader worker" not in done.stderr, done.stderr[-3000:]
+
+
 def test_truncated_last_checkpoint_falls_back_to_the_previous_one_with_a_warning(tmp_path, fashion_mnist_dir):
     from var_lab.config import FitConfig, from_dict
     from var_lab.train import fit

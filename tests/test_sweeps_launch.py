@@ -82,11 +82,18 @@ def var_lab(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
 
 
 def mlflow_runs(tracking_uri: str, experiment: str) -> list:
+    """The point runs of a sweep's experiment (its parent run, ``var_lab.kind=sweep``, checked and left out)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    return [] if exp is None else client.search_runs([exp.experiment_id])
+    runs = [] if exp is None else client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("var_lab.kind") == "sweep"]
+    assert len(parents) <= 1, "one parent run per sweep"
+    points = [r for r in runs if r not in parents]
+    # every run of a launched sweep is a child of its parent run
+    assert not parents or all(r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id for r in points)
+    return points
 
 
 def starts(task_dir: Path) -> list[dict]:

@@ -477,14 +477,31 @@ class _CountingIterator:
 
 
 def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """DataLoader workers ignore SIGTERM and SIGINT: the training process stops after its step with a checkpoint.
+    """DataLoader workers ignore SIGINT, and SIGTERM from anyone but their parent: the training process stops after
+    its step with a checkpoint, then stops its workers.
 
     ``scancel``, a SLURM time limit, ``timeout`` and Ctrl-C signal the whole process group. A worker killed by it
-    would fail the training process ("DataLoader worker ... is killed by signal") before it could stop cleanly. A
-    worker still exits with its parent: PyTorch's worker loop watches the parent process.
+    would fail the training process ("DataLoader worker ... is killed by signal") before it could stop cleanly. The
+    parent's own SIGTERM (``Process.terminate``: PyTorch's shutdown of a worker that does not stop, Python's exit
+    handler for daemonic children) still ends the worker; ignoring that one too left a process that exits with live
+    persistent workers waiting for them forever. Python handlers do not see a signal's sender, so SIGTERM is blocked
+    and a thread takes it with ``sigwaitinfo``, which does.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import threading
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS: SIGTERM keeps its default action
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started from here on inherit the mask
+
+    def obey_only_the_parent() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent:
+                os._exit(0)  # a clean exit: PyTorch reports a worker that dies by a signal or non-zero
+
+    threading.Thread(target=obey_only_the_parent, name="sigterm-from-parent", daemon=True).start()
 
 
 def make_loader(dataset: Dataset, config: DataConfig, shuffle: bool, drop_last: bool) -> DataLoader:
