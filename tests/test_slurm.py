@@ -92,9 +92,9 @@ def test_sweep_run_submitted_to_real_slurm_through_submitit(tmp_path, fashion_mn
 def test_real_slurm_requeue_on_sigusr1_resumes_the_same_run(tmp_path, fashion_mnist_dir):
     import mlflow
 
-    # long enough that the signal, sent at the job's first progress line (step 5), lands while it trains: 400
-    # steps take 20 s to 2 min on 2 cores
-    max_steps = 400
+    # long enough that the signal, sent at the job's first progress line (step 5), lands while it trains: 150
+    # steps take 10 to 40 s on 2 cores, and the signal comes within a second of step 5
+    max_steps = 150
     path = sweep_file(tmp_path, max_steps=max_steps, limit_train=8192)
     result = var_lab("sweep", "launch", str(path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
