@@ -127,6 +127,21 @@ def test_self_fid_is_zero_and_numbers_equal_torch_fidelity(tmp_path, converted_w
     assert ours["kid_std"] == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-6, abs=1e-12)
     assert ours["precision"] == theirs["precision"] and ours["recall"] == theirs["recall"]
 
+    # torchmetrics' FrechetInceptionDistance on the same images and weights (its resize without antialiasing, as
+    # torch-fidelity's) agrees to float32 statistics: the in-training callback could use it and log the same FID.
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    def as_uint8(folder):
+        files = sorted(folder.glob("*.png"))
+        return torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
+
+    tm_fid = FrechetInceptionDistance(
+        feature=2048, feature_extractor_weights_path=str(converted_weights), antialias=False
+    )
+    tm_fid.update(as_uint8(ref_dir), real=True)
+    tm_fid.update(as_uint8(gen_dir), real=False)
+    assert float(tm_fid.compute()) == pytest.approx(ours["fid"], rel=1e-5)
+
     # The same set against itself: FID ~0, precision = recall = 1.
     self_ref = reference_statistics(FolderImages(gen_dir), extractor, cache_dir=tmp_path / "cache")
     torch.testing.assert_close(self_ref.features, gen["2048"], rtol=0, atol=0)
