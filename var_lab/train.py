@@ -118,21 +118,19 @@ def instantiate_classes(specs: list[dict[str, Any]], base: type, key: str) -> li
 
 
 def _world_size(trainer_cfg: TrainerConfig) -> int:
-    """Processes of a run: devices per node (resolved as Lightning does for a count, a list, "0,1", -1 or "auto") x
-    nodes. ModelParallelStrategy needs it as its data-parallel size ("auto" there means the number of nodes)."""
+    """Processes of a run: devices per node x nodes, with the devices resolved by Lightning's own accelerator
+    (a count, a list, "0,1", -1 or "auto"). ModelParallelStrategy needs it as its data-parallel size ("auto" there
+    means the number of nodes)."""
     import torch
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 
+    on_gpu = trainer_cfg.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    accelerator = CUDAAccelerator if on_gpu else CPUAccelerator
     devices = trainer_cfg.devices
-    if isinstance(devices, str) and devices.strip() not in ("auto", "-1"):
-        parts = [p for p in devices.split(",") if p.strip()]
-        devices = len(parts) if len(parts) > 1 or devices.strip().endswith(",") else int(parts[0])
-    if isinstance(devices, (list, tuple)):
-        per_node = len(devices)
-    elif devices in ("auto", "-1", -1):
-        on_gpu = trainer_cfg.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-        per_node = torch.cuda.device_count() if on_gpu else 1
+    if devices == "auto":
+        per_node = accelerator.auto_device_count()
     else:
-        per_node = int(devices)
+        per_node = len(accelerator.get_parallel_devices(accelerator.parse_devices(devices)))
     return per_node * trainer_cfg.num_nodes
 
 

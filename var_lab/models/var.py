@@ -432,6 +432,10 @@ class VAR(nn.Module):
         See ``sample_tokens`` for the arguments. The same generator seed gives the same images.
         """
         _, f_hat_BChw = self.sample_tokens(labels_B, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator)
+        return self._decode(f_hat_BChw)
+
+    def _decode(self, f_hat_BChw: torch.Tensor) -> torch.Tensor:
+        """The tokenizer's decoder on a sampled latent: (B, Cvae, h, w) -> images (B, 3, H, W) in [0, 1]."""
         vqvae = self.vqvae
         with self._eval_mode():
             img_B3HW = vqvae.fhat_to_img(f_hat_BChw.to(vqvae.post_quant_conv.weight.dtype))
@@ -477,8 +481,7 @@ class VAR(nn.Module):
         _, f_hat_BChw = self.sample_tokens(
             labels_B, cfg=cfg, top_k=top_k, top_p=top_p, generator=generator, known_idx=known_idx, known_mask=known_mask
         )
-        with self._eval_mode():
-            out_B3HW = vqvae.fhat_to_img(f_hat_BChw.to(vqvae.post_quant_conv.weight.dtype)).float().add_(1).mul_(0.5)
+        out_B3HW = self._decode(f_hat_BChw)
         if composite:
             keep = keep_B1HW.to(out_B3HW).clamp(0, 1)
             out_B3HW = keep * img_B3HW.to(out_B3HW) + (1 - keep) * out_B3HW

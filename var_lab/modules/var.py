@@ -54,6 +54,7 @@ class VARModule(L.LightningModule):
         self._tail_begin = self.var.begin_ends[-1][0]
         self._step_start_time: Optional[float] = None
         self._compiled = False
+        self.sharded = False  # the transformer sharded with FSDP2 (trainer.strategy: fsdp2), see configure_model
         # Preemption safety (var_lab.resilience): what this training step logged, the accounting metrics of the step,
         # and what a resumed run restores before its first batch.
         self._step_metrics: Optional[dict[str, Any]] = None
@@ -111,11 +112,6 @@ class VARModule(L.LightningModule):
         return int(getattr(datamodule, "resolution", self.cfg.data.resolution))
 
     # ------------------------------------------------------------------ steps
-    @property
-    def sharded(self) -> bool:
-        """True when the transformer is sharded with FSDP2 (``trainer.strategy: fsdp2``)."""
-        return getattr(self, "_sharded", False)
-
     def configure_model(self) -> None:
         """``trainer.strategy: fsdp2``: shard the transformer with FSDP2, each block a unit (its parameters gathered
         just for its forward and backward) and the embeddings and head the root unit; the frozen tokenizer is kept
@@ -130,7 +126,7 @@ class VARModule(L.LightningModule):
         for block in self.var.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(self.var, mesh=mesh)
-        self._sharded = True
+        self.sharded = True
 
     def setup(self, stage: str) -> None:
         if self.cfg.trainer.compile and not self._compiled:
