@@ -251,12 +251,12 @@ import multiprocessing
 print("workers alive:", len(multiprocessing.active_children()), flush=True)
 """
     )
-    started = time.time()
+    # a hang (the bug) raises TimeoutExpired here: the script itself takes seconds
     done = subprocess.run(
         [sys.executable, str(script)], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and "workers alive: 2" in done.stdout, done.stdout + done.stderr[-3000:]
-    assert time.time() - started < 60 and "DataLoader worker" not in done.stderr, done.stderr[-3000:]
+    assert "DataLoader worker" not in done.stderr, done.stderr[-3000:]
 
 
 def test_truncated_last_checkpoint_falls_back_to_the_previous_one_with_a_warning(tmp_path, fashion_mnist_dir):
